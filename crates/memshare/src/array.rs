@@ -1,0 +1,274 @@
+//! Typed n-dimensional arrays in shared memory, described the way numpy
+//! describes them (`<f8`, `|b1`, ...), so Rust and Python processes read each
+//! other's arrays without copying.
+//!
+//! An array message is what travels for one array:
+//! ```text
+//! "MSA1" | handle (64) | itemsize u64 | dtype len u16 | dtype utf-8 | ndim u8 |
+//! byte offset u64 | shape u64 x ndim | byte strides i64 x ndim
+//! ```
+
+use ndarray::{ArrayViewD, ArrayViewMutD, IxDyn, ShapeBuilder};
+
+use crate::arena::{Arena, Block};
+use crate::error::{Error, Result};
+use crate::handle::{Handle, HANDLE_LEN};
+
+const MAGIC: &[u8; 4] = b"MSA1";
+const MAX_NDIM: usize = 64;
+
+/// A plain-old-data element type with a numpy dtype string.
+///
+/// # Safety
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid value.
+pub unsafe trait Element: Copy + 'static {
+    const DTYPE: &'static str;
+}
+
+macro_rules! element {
+    ($($t:ty => $d:expr),* $(,)?) => {$(
+        // SAFETY: primitive numeric types accept every bit pattern.
+        unsafe impl Element for $t { const DTYPE: &'static str = $d; }
+    )*};
+}
+
+#[cfg(target_endian = "little")]
+element!(f64 => "<f8", f32 => "<f4", i64 => "<i8", i32 => "<i4", i16 => "<i2", i8 => "|i1",
+         u64 => "<u8", u32 => "<u4", u16 => "<u2", u8 => "|u1");
+
+/// Where an array lies inside its block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArrayMeta {
+    pub dtype: String,
+    pub itemsize: usize,
+    pub shape: Vec<usize>,
+    /// Strides in bytes (may be negative).
+    pub strides: Vec<isize>,
+    /// Byte offset of element `[0, 0, ...]` from the start of the block.
+    pub offset: usize,
+}
+
+impl ArrayMeta {
+    /// C-order layout for `shape` starting at offset 0.
+    pub fn c_order(dtype: &str, itemsize: usize, shape: &[usize]) -> ArrayMeta {
+        let mut strides = vec![0isize; shape.len()];
+        let mut acc = itemsize as isize;
+        for i in (0..shape.len()).rev() {
+            strides[i] = acc;
+            acc *= shape[i].max(1) as isize;
+        }
+        ArrayMeta {
+            dtype: dtype.to_string(),
+            itemsize,
+            shape: shape.to_vec(),
+            strides,
+            offset: 0,
+        }
+    }
+
+    /// Bytes spanned by the elements, or an error if any element would lie
+    /// outside `[0, block_len)`.
+    pub fn check_bounds(&self, block_len: usize) -> Result<()> {
+        let bad = || Error::InvalidHandle("array view lies outside its shared block".into());
+        if self.shape.len() != self.strides.len() || self.shape.len() > MAX_NDIM {
+            return Err(bad());
+        }
+        if self.shape.contains(&0) {
+            return if self.offset <= block_len {
+                Ok(())
+            } else {
+                Err(bad())
+            };
+        }
+        let mut lo: i128 = self.offset as i128;
+        let mut hi: i128 = self.offset as i128 + self.itemsize as i128;
+        for (&n, &s) in self.shape.iter().zip(&self.strides) {
+            let span = (n as i128 - 1) * s as i128;
+            if span < 0 {
+                lo += span;
+            } else {
+                hi += span;
+            }
+        }
+        if lo < 0 || hi > block_len as i128 {
+            return Err(bad());
+        }
+        Ok(())
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.itemsize
+    }
+
+    pub fn encode(&self, handle: &Handle) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(4 + HANDLE_LEN + 16 + self.dtype.len() + 16 * self.shape.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&handle.to_bytes());
+        out.extend_from_slice(&(self.itemsize as u64).to_le_bytes());
+        out.extend_from_slice(&(self.dtype.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.dtype.as_bytes());
+        out.push(self.shape.len() as u8);
+        out.extend_from_slice(&(self.offset as u64).to_le_bytes());
+        for &n in &self.shape {
+            out.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        for &s in &self.strides {
+            out.extend_from_slice(&(s as i64).to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses an array message into its handle and layout (untrusted input).
+    pub fn decode(b: &[u8]) -> Result<(Handle, ArrayMeta)> {
+        let bad = |what: &str| Error::InvalidHandle(format!("array message {what}"));
+        let mut pos = 0usize;
+        let mut take = |n: usize| -> Result<&[u8]> {
+            let s = b.get(pos..pos + n).ok_or_else(|| bad("is truncated"))?;
+            pos += n;
+            Ok(s)
+        };
+        if take(4)? != MAGIC {
+            return Err(bad("has a bad magic number"));
+        }
+        let handle = Handle::from_bytes(take(HANDLE_LEN)?)?;
+        let itemsize = u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize;
+        let dlen = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
+        let dtype = std::str::from_utf8(take(dlen)?)
+            .map_err(|_| bad("has a non-UTF-8 dtype"))?
+            .to_string();
+        let ndim = take(1)?[0] as usize;
+        if ndim > MAX_NDIM {
+            return Err(bad("has too many dimensions"));
+        }
+        let offset = u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize;
+        let mut shape = Vec::with_capacity(ndim);
+        for _ in 0..ndim {
+            shape.push(u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize);
+        }
+        let mut strides = Vec::with_capacity(ndim);
+        for _ in 0..ndim {
+            strides.push(i64::from_le_bytes(take(8)?.try_into().expect("8")) as isize);
+        }
+        if pos != b.len() {
+            return Err(bad("has trailing bytes"));
+        }
+        let meta = ArrayMeta {
+            dtype,
+            itemsize,
+            shape,
+            strides,
+            offset,
+        };
+        meta.check_bounds(handle.len as usize)?;
+        Ok((handle, meta))
+    }
+}
+
+/// An n-dimensional array in shared memory.
+#[derive(Debug, Clone)]
+pub struct SharedArray {
+    block: Block,
+    meta: ArrayMeta,
+}
+
+impl SharedArray {
+    /// A zero-filled C-order array of `T`.
+    pub fn zeros<T: Element>(arena: &Arena, shape: &[usize]) -> Result<SharedArray> {
+        let meta = ArrayMeta::c_order(T::DTYPE, std::mem::size_of::<T>(), shape);
+        let block = arena.alloc(meta.nbytes(), false)?;
+        // SAFETY: the block was just allocated and is referenced only here.
+        unsafe { std::ptr::write_bytes(block.as_ptr(), 0, block.len()) };
+        Ok(SharedArray { block, meta })
+    }
+
+    /// A shared C-order copy of `a`.
+    pub fn from_view<T: Element>(arena: &Arena, a: ArrayViewD<'_, T>) -> Result<SharedArray> {
+        let mut out = SharedArray::zeros::<T>(arena, a.shape())?;
+        out.view_mut::<T>()?.assign(&a);
+        Ok(out)
+    }
+
+    pub fn meta(&self) -> &ArrayMeta {
+        &self.meta
+    }
+
+    pub fn block(&self) -> &Block {
+        &self.block
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.meta.shape
+    }
+
+    pub fn dtype(&self) -> &str {
+        &self.meta.dtype
+    }
+
+    fn element_layout<T: Element>(&self) -> Result<(IxDyn, IxDyn)> {
+        if self.meta.dtype != T::DTYPE {
+            return Err(Error::InvalidArgument(format!(
+                "array has dtype {}, not {}",
+                self.meta.dtype,
+                T::DTYPE
+            )));
+        }
+        let size = std::mem::size_of::<T>() as isize;
+        let mut strides = Vec::with_capacity(self.meta.strides.len());
+        for &s in &self.meta.strides {
+            if s < 0 || s % size != 0 {
+                return Err(Error::InvalidArgument("only arrays with non-negative, element-aligned strides can be viewed from Rust; share a contiguous copy".into()));
+            }
+            strides.push((s / size) as usize);
+        }
+        if (self.block.as_ptr() as usize + self.meta.offset) % std::mem::align_of::<T>() != 0 {
+            return Err(Error::InvalidArgument(
+                "array data is not aligned for its element type".into(),
+            ));
+        }
+        Ok((IxDyn(&self.meta.shape), IxDyn(&strides)))
+    }
+
+    /// Reads the array as an `ndarray` view. Writes by other processes are
+    /// visible through it; synchronising with them is up to the program.
+    pub fn view<T: Element>(&self) -> Result<ArrayViewD<'_, T>> {
+        let (shape, strides) = self.element_layout::<T>()?;
+        // SAFETY: the layout was bounds-checked against the block when the
+        // array was made or decoded, the dtype matches T, strides are
+        // non-negative and aligned, and the block lives as long as `self`.
+        Ok(unsafe {
+            ArrayViewD::from_shape_ptr(
+                shape.strides(strides),
+                self.block.as_ptr().add(self.meta.offset) as *const T,
+            )
+        })
+    }
+
+    /// A mutable `ndarray` view.
+    pub fn view_mut<T: Element>(&mut self) -> Result<ArrayViewMutD<'_, T>> {
+        if self.block.readonly() {
+            return Err(Error::InvalidArgument("array is read-only".into()));
+        }
+        let (shape, strides) = self.element_layout::<T>()?;
+        // SAFETY: as in `view`; `&mut self` gives exclusivity within this process.
+        Ok(unsafe {
+            ArrayViewMutD::from_shape_ptr(
+                shape.strides(strides),
+                self.block.as_ptr().add(self.meta.offset) as *mut T,
+            )
+        })
+    }
+
+    /// Encodes the array as a message for another process (pins the block
+    /// until the receiver opens it).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        Ok(self.meta.encode(&self.block.handle()?))
+    }
+
+    /// Opens an array message made by any process of this user.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SharedArray> {
+        let (handle, meta) = ArrayMeta::decode(bytes)?;
+        let block = crate::open(&handle)?;
+        Ok(SharedArray { block, meta })
+    }
+}

@@ -1,0 +1,193 @@
+//! Shared-memory layouts. Every struct here is `#[repr(C)]` and is read by
+//! other processes, possibly built from another version of this crate: each
+//! segment starts with a magic number and a layout version, and attaching
+//! refuses anything it does not understand.
+//!
+//! ```text
+//! control segment  memshare-<token>           data segment  memshare-<token>-<n>
+//! +---------------------------+               +---------------------------+
+//! | CtlHeader: magic, version |               | SegHeader (128 B)         |
+//! |  token, mac key, mutex    |               +---------------------------+
+//! |  stats, free-list bins    |               | BlockHeader (128 B)       |
+//! | SegmentEntry x 4096       |               | payload (64-B aligned)    |
+//! | ProcSlot x 256            |               +---------------------------+
+//! | PinEntry x 65536          |               | BlockHeader | payload ... |
+//! +---------------------------+               +---------------------------+
+//! ```
+
+use crate::sys::MUTEX_BYTES;
+
+pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"MSHRCTL\0");
+pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"MSHRSEG\0");
+pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"MSBK");
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Payloads are aligned to a cache line (and to every numpy dtype).
+pub const ALIGN: u64 = 64;
+pub const SEG_HEADER: u64 = 128;
+pub const BLOCK_HEADER: u64 = 128;
+/// Process slots per arena; also the width of a block's holder bitmap.
+pub const MAX_PROCS: usize = 256;
+pub const HOLDER_WORDS: usize = MAX_PROCS / 64;
+pub const MAX_SEGMENTS: usize = 4096;
+/// Handles pinned but not yet unpickled, arena-wide.
+pub const MAX_PINS: usize = 65536;
+/// Free-list bins: bin `b` holds free blocks with payload in [64 * 2^b, 64 * 2^(b+1)).
+pub const NBINS: usize = 48;
+/// Byte offset in the control file where per-slot OFD liveness locks start.
+pub const SLOT_LOCK_BASE: u64 = 1 << 40;
+
+/// No block / end of a list.
+pub const NIL: u64 = u64::MAX;
+
+pub const BLOCK_FREE: u32 = 1;
+pub const BLOCK_LIVE: u32 = 2;
+
+pub const SLOT_FREE: u32 = 0;
+pub const SLOT_ALIVE: u32 = 1;
+
+pub const BLOCK_READONLY: u32 = 1;
+
+/// A block reference: segment index in the top 16 bits, header offset below.
+pub fn block_ref(seg: u32, offset: u64) -> u64 {
+    ((seg as u64) << 48) | offset
+}
+
+pub fn ref_seg(r: u64) -> u32 {
+    (r >> 48) as u32
+}
+
+pub fn ref_offset(r: u64) -> u64 {
+    r & ((1 << 48) - 1)
+}
+
+#[repr(C, align(64))]
+pub struct MutexStorage(pub [u8; MUTEX_BYTES]);
+
+#[repr(C)]
+pub struct SegmentEntry {
+    /// Bytes of the segment file, 0 if the entry is unused.
+    pub size: u64,
+    pub _reserved: u64,
+}
+
+#[repr(C)]
+pub struct ProcSlot {
+    pub state: u32,
+    /// Incremented each time the slot is taken, so a pin or handle naming an
+    /// earlier occupant is recognised.
+    pub epoch: u32,
+    pub pid: u32,
+    pub _reserved: u32,
+}
+
+#[repr(C)]
+pub struct PinEntry {
+    /// Block pinned by an in-flight handle, `NIL` if the entry is free.
+    pub block: u64,
+    pub generation: u64,
+    pub slot: u32,
+    pub epoch: u32,
+}
+
+#[repr(C)]
+pub struct CtlHeader {
+    pub magic: u64,
+    pub version: u32,
+    /// `size_of::<CtlHeader>()` of the creator, checked on attach.
+    pub header_size: u32,
+    pub token: [u8; 16],
+    pub mac_key: [u8; 16],
+    pub _pad0: [u8; 16],
+    pub mutex: MutexStorage,
+    pub limit: u64,
+    pub bytes_reserved: u64,
+    pub bytes_in_use: u64,
+    pub live_blocks: u64,
+    pub next_generation: u64,
+    pub last_reap_ns: u64,
+    pub segment_count: u32,
+    pub pin_cursor: u32,
+    pub pins_in_use: u64,
+    pub bins: [u64; NBINS],
+    pub segments: [SegmentEntry; MAX_SEGMENTS],
+    pub slots: [ProcSlot; MAX_PROCS],
+    pub pins: [PinEntry; MAX_PINS],
+}
+
+pub const CTL_SIZE: u64 = std::mem::size_of::<CtlHeader>() as u64;
+
+#[repr(C)]
+pub struct SegHeader {
+    pub magic: u64,
+    pub version: u32,
+    pub index: u32,
+    pub token: [u8; 16],
+    pub size: u64,
+    pub _reserved: [u8; 88],
+}
+
+#[repr(C)]
+pub struct BlockHeader {
+    pub magic: u32,
+    pub state: u32,
+    /// Unique per allocation; a handle names the generation it was made for.
+    pub generation: u64,
+    /// Payload capacity in bytes (multiple of 64).
+    pub size: u64,
+    /// Payload capacity of the previous block in the segment (0 for the first).
+    pub prev_size: u64,
+    /// Bytes the user asked for.
+    pub len: u64,
+    /// In-flight handles pinning this block.
+    pub pins: u64,
+    pub flags: u32,
+    pub _pad: u32,
+    /// Free-list links (valid while FREE).
+    pub free_next: u64,
+    pub free_prev: u64,
+    /// Bit `i` set: process slot `i` holds at least one reference.
+    pub holders: [u64; HOLDER_WORDS],
+}
+
+const _: () = assert!(std::mem::size_of::<SegHeader>() as u64 == SEG_HEADER);
+const _: () = assert!(std::mem::size_of::<BlockHeader>() as u64 <= BLOCK_HEADER);
+const _: () = assert!(BLOCK_HEADER % ALIGN == 0 && SEG_HEADER % ALIGN == 0);
+
+/// Rounds a requested length up to a payload size.
+pub fn payload_size(len: u64) -> u64 {
+    len.max(1).div_ceil(ALIGN) * ALIGN
+}
+
+/// The bin index of a payload size.
+pub fn bin_of(size: u64) -> usize {
+    let units = (size / ALIGN).max(1);
+    ((63 - units.leading_zeros()) as usize).min(NBINS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_roundtrip() {
+        let r = block_ref(4095, (1 << 40) + 128);
+        assert_eq!(ref_seg(r), 4095);
+        assert_eq!(ref_offset(r), (1 << 40) + 128);
+    }
+
+    #[test]
+    fn bins() {
+        assert_eq!(bin_of(64), 0);
+        assert_eq!(bin_of(127 / 64 * 64), 0);
+        assert_eq!(bin_of(128), 1);
+        assert_eq!(bin_of(1 << 30), 24);
+        assert_eq!(payload_size(0), 64);
+        assert_eq!(payload_size(65), 128);
+    }
+
+    #[test]
+    fn control_segment_is_small() {
+        assert!(CTL_SIZE < 4 << 20, "control segment is {CTL_SIZE} bytes");
+    }
+}

@@ -1,0 +1,321 @@
+//! Integration tests of the arena: allocation, reference counts, handles,
+//! reclaiming dead processes, and a second Rust process reading an array.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use memshare::arena::{ctl_path, hex};
+use memshare::{Arena, Error, Handle, SharedArray};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+
+/// A private directory per test so tests never see each other's segments.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> TestDir {
+        let p = PathBuf::from(format!(
+            "/dev/shm/memshare-rust-test-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TestDir(p)
+    }
+
+    fn files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn alloc_free_and_stats() {
+    let dir = TestDir::new("stats");
+    let arena = Arena::create(&dir.0).unwrap();
+    let a = arena.alloc(1000, false).unwrap();
+    let b = arena.alloc(40 << 20, false).unwrap();
+    assert_eq!(a.as_ptr() as usize % 64, 0);
+    assert_eq!(b.as_ptr() as usize % 64, 0);
+    let s = arena.stats().unwrap();
+    assert_eq!(s.live_blocks, 2);
+    assert_eq!(s.bytes_in_use, 1024 + (40 << 20));
+    let c = b.clone();
+    drop(b);
+    assert_eq!(
+        arena.stats().unwrap().live_blocks,
+        2,
+        "a clone keeps the block alive"
+    );
+    drop(c);
+    drop(a);
+    let s = arena.stats().unwrap();
+    assert_eq!((s.live_blocks, s.bytes_in_use), (0, 0));
+    assert!(s.bytes_reserved > 0);
+}
+
+#[test]
+fn freed_memory_is_recycled() {
+    let dir = TestDir::new("recycle");
+    let arena = Arena::create(&dir.0).unwrap();
+    let first = arena.alloc(40 << 20, false).unwrap();
+    let addr = first.as_ptr();
+    drop(first);
+    let reserved = arena.stats().unwrap().bytes_reserved;
+    for _ in 0..100 {
+        let b = arena.alloc(40 << 20, false).unwrap();
+        assert_eq!(b.as_ptr(), addr, "the same warm block is reused");
+    }
+    assert_eq!(
+        arena.stats().unwrap().bytes_reserved,
+        reserved,
+        "no growth when recycling"
+    );
+}
+
+#[test]
+fn handles_roundtrip_and_pin() {
+    let dir = TestDir::new("handles");
+    let arena = Arena::create(&dir.0).unwrap();
+    let b = arena.alloc(4096, false).unwrap();
+    // SAFETY: the block is private to this test.
+    unsafe { b.as_mut_slice()[..4].copy_from_slice(b"abcd") };
+    let h = b.handle().unwrap();
+    assert_eq!(arena.stats().unwrap().pins, 1);
+    drop(b);
+    assert_eq!(
+        arena.stats().unwrap().live_blocks,
+        1,
+        "the pin keeps the block alive in flight"
+    );
+    let bytes = h.to_bytes();
+    let reopened = arena.open(&Handle::from_bytes(&bytes).unwrap()).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { &reopened.as_slice()[..4] }, b"abcd");
+    assert_eq!(arena.stats().unwrap().pins, 0, "opening adopts the pin");
+    drop(reopened);
+    assert_eq!(arena.stats().unwrap().live_blocks, 0);
+    // The block is gone: the same handle is now stale.
+    let err = arena
+        .open(&Handle::from_bytes(&bytes).unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::StaleHandle(_)), "{err}");
+}
+
+#[test]
+fn forged_handles_are_rejected() {
+    let dir = TestDir::new("forged");
+    let arena = Arena::create(&dir.0).unwrap();
+    let b = arena.alloc(4096, false).unwrap();
+    let mut bytes = b.handle().unwrap().to_bytes();
+    bytes[24] ^= 0x40; // move the offset
+    let err = Handle::from_bytes(&bytes)
+        .and_then(|h| arena.open(&h))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidHandle(_)), "{err}");
+    assert!(Handle::from_bytes(&bytes[..10]).is_err());
+}
+
+#[test]
+fn files_are_private_and_removed_by_last_process() {
+    let dir = TestDir::new("files");
+    let arena = Arena::create(&dir.0).unwrap();
+    let _b = arena.alloc(1 << 20, false).unwrap();
+    let ctl = ctl_path(&dir.0, &arena.token());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&ctl).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(dir
+        .files()
+        .iter()
+        .all(|f| f.starts_with(&format!("memshare-{}", hex(&arena.token())))));
+    arena.detach().unwrap();
+    assert!(dir.files().is_empty(), "left behind: {:?}", dir.files());
+}
+
+#[test]
+fn limit_gives_out_of_memory() {
+    let dir = TestDir::new("limit");
+    let arena = Arena::create(&dir.0).unwrap();
+    arena.set_limit(64 << 20).unwrap();
+    let err = arena.alloc(100 << 20, false).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    assert!(err.to_string().contains("MEMSHARE_LIMIT"));
+}
+
+#[test]
+fn corrupt_control_file_is_refused() {
+    let dir = TestDir::new("corrupt");
+    let token = [0xab; 16];
+    std::fs::write(ctl_path(&dir.0, &token), vec![0u8; 1 << 20]).unwrap();
+    let err = Arena::attach(&dir.0, token).err().unwrap();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    let removed = Arena::collect_garbage(&dir.0, false).unwrap();
+    assert_eq!(removed, vec![hex(&token)]);
+    assert!(dir.files().is_empty());
+}
+
+/// Child half of `second_process_reads_array`: runs only when re-executed.
+#[test]
+fn child_reads_array() {
+    let Ok(msg) = std::env::var("MEMSHARE_TEST_MESSAGE") else {
+        return;
+    };
+    let bytes: Vec<u8> = (0..msg.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&msg[i..i + 2], 16).unwrap())
+        .collect();
+    let mut a = SharedArray::from_bytes(&bytes).unwrap();
+    let sum: f64 = a.view::<f64>().unwrap().sum();
+    assert_eq!(sum, (0..1000).map(|x| x as f64).sum::<f64>());
+    a.view_mut::<f64>().unwrap()[[0, 0]] = -1.0;
+}
+
+#[test]
+fn second_process_reads_array() {
+    let dir = TestDir::new("xproc");
+    let arena = Arena::create(&dir.0).unwrap();
+    let data = ArrayD::from_shape_fn(IxDyn(&[10, 100]), |i| (i[0] * 100 + i[1]) as f64);
+    let a = SharedArray::from_view(&arena, data.view()).unwrap();
+    let msg: String = a
+        .to_bytes()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_reads_array", "--nocapture"])
+        .env("MEMSHARE_TEST_MESSAGE", msg)
+        .env("MEMSHARE_DIR", &dir.0)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        a.view::<f64>().unwrap()[[0, 0]],
+        -1.0,
+        "the child's write is visible here"
+    );
+    drop(a);
+    assert_eq!(arena.stats().unwrap().live_blocks, 0);
+    assert_eq!(
+        arena.stats().unwrap().processes,
+        1,
+        "the child's slot was released"
+    );
+}
+
+/// Child half of `dead_process_is_reaped`: takes references, then dies hard.
+#[test]
+fn child_dies_holding() {
+    let Ok(msg) = std::env::var("MEMSHARE_TEST_DIE") else {
+        return;
+    };
+    let bytes: Vec<u8> = (0..msg.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&msg[i..i + 2], 16).unwrap())
+        .collect();
+    let a = SharedArray::from_bytes(&bytes).unwrap();
+    let arena = a.block().arena().clone();
+    let _mine = arena.alloc(1 << 20, false).unwrap();
+    let _pinned = _mine.handle().unwrap();
+    std::mem::forget(a);
+    // SAFETY: abort-like exit without running destructors, like SIGKILL.
+    unsafe { libc::_exit(0) };
+}
+
+#[test]
+fn dead_process_is_reaped() {
+    let dir = TestDir::new("reap");
+    let arena = Arena::create(&dir.0).unwrap();
+    let a = SharedArray::zeros::<f64>(&arena, &[1000]).unwrap();
+    let msg: String = a
+        .to_bytes()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_dies_holding", "--nocapture"])
+        .env("MEMSHARE_TEST_DIE", msg)
+        .env("MEMSHARE_DIR", &dir.0)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        arena.stats().unwrap().live_blocks,
+        2,
+        "the dead child's block is still accounted"
+    );
+    assert!(arena.reap().unwrap());
+    drop(a);
+    let s = arena.stats().unwrap();
+    assert_eq!((s.live_blocks, s.pins, s.processes), (0, 0, 1));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Alloc(usize),
+    Free(usize),
+    Clone(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1usize..3_000_000).prop_map(Op::Alloc),
+        (0usize..64).prop_map(Op::Free),
+        (0usize..64).prop_map(Op::Clone),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// The allocator against a model: live blocks never overlap, contents are
+    /// not disturbed by other allocations, and the statistics match.
+    #[test]
+    fn allocator_matches_model(ops in proptest::collection::vec(op(), 1..120)) {
+        let dir = TestDir::new("model");
+        let arena = Arena::create(&dir.0).unwrap();
+        let mut live: Vec<(memshare::Block, u8)> = Vec::new();
+        let mut tag = 0u8;
+        for op in ops {
+            match op {
+                Op::Alloc(n) => {
+                    let b = arena.alloc(n, false).unwrap();
+                    tag = tag.wrapping_add(1);
+                    // SAFETY: fresh block private to this test.
+                    unsafe { b.as_mut_slice().fill(tag) };
+                    live.push((b, tag));
+                }
+                Op::Free(i) if !live.is_empty() => { live.swap_remove(i % live.len()); }
+                Op::Clone(i) if !live.is_empty() => { let (b, t) = &live[i % live.len()]; let c = (b.clone(), *t); live.push(c); }
+                _ => {}
+            }
+        }
+        let mut ranges: Vec<(usize, usize)> = live.iter().map(|(b, _)| (b.as_ptr() as usize, b.as_ptr() as usize + b.capacity())).collect();
+        ranges.sort();
+        ranges.dedup();
+        for w in ranges.windows(2) {
+            prop_assert!(w[0].1 <= w[1].0, "blocks overlap");
+        }
+        for (b, t) in &live {
+            // SAFETY: blocks private to this test.
+            prop_assert!(unsafe { b.as_slice() }.iter().all(|x| x == t), "block contents disturbed");
+        }
+        let s = arena.stats().unwrap();
+        prop_assert_eq!(s.live_blocks as usize, ranges.len());
+        prop_assert_eq!(s.bytes_in_use as usize, ranges.iter().map(|(a, b)| b - a).sum::<usize>());
+        drop(live);
+        let s = arena.stats().unwrap();
+        prop_assert_eq!((s.live_blocks, s.bytes_in_use), (0, 0));
+    }
+}
