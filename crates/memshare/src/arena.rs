@@ -484,12 +484,42 @@ impl<'a> Txn<'a> {
         Ok((r, generation))
     }
 
-    /// Returns a block to the free lists, merging it with free neighbours.
+    /// Frees a block and, transitively, the blocks that only its owned pins
+    /// kept alive (the messages still inside a dropped queue).
     fn free_block(&mut self, r: u64) -> Result<()> {
+        let mut work = vec![r];
+        while let Some(r) = work.pop() {
+            let (flags, generation) = {
+                let h = self.hdr(r)?;
+                (h.flags, h.generation)
+            };
+            if flags & BLOCK_OWNS_PINS != 0 {
+                for i in 0..MAX_PINS {
+                    let p = &self.ctl.pins[i];
+                    if p.block != NIL && p.owner == r && p.owner_generation == generation {
+                        let target = p.block;
+                        self.ctl.pins[i].block = NIL;
+                        self.ctl.pins_in_use -= 1;
+                        let th = self.hdr(target)?;
+                        th.pins = th.pins.saturating_sub(1);
+                        if self.unreferenced(target)? {
+                            work.push(target);
+                        }
+                    }
+                }
+            }
+            self.release_block(r)?;
+        }
+        Ok(())
+    }
+
+    /// Returns a block to the free lists, merging it with free neighbours.
+    fn release_block(&mut self, r: u64) -> Result<()> {
         let mut r = r;
         let size = {
             let h = self.hdr(r)?;
             h.state = BLOCK_FREE;
+            h.flags = 0;
             h.generation = 0;
             h.holders = [0; HOLDER_WORDS];
             h.pins = 0;
@@ -556,20 +586,40 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    fn pin(&mut self, r: u64, generation: u64) -> Result<u32> {
+    /// Pins a block for an in-flight handle, on behalf of this process or of
+    /// an owner block. Returns (pin index, slot, epoch) for the handle.
+    fn pin(
+        &mut self,
+        r: u64,
+        generation: u64,
+        owner: Option<(u64, u64)>,
+    ) -> Result<(u32, u32, u32)> {
+        let (slot, epoch, owner, owner_generation) = match owner {
+            Some((o, og)) => {
+                let oh = self.hdr(o)?;
+                if oh.state != BLOCK_LIVE || oh.generation != og {
+                    return Err(Error::StaleHandle("the owner block was freed".into()));
+                }
+                oh.flags |= BLOCK_OWNS_PINS;
+                (OWNED_PIN_SLOT, 0, o, og)
+            }
+            None => (self.local.slot, self.local.epoch, NIL, 0),
+        };
         for i in 0..MAX_PINS {
             let idx = (self.ctl.pin_cursor as usize + i) % MAX_PINS;
             if self.ctl.pins[idx].block == NIL {
                 self.ctl.pins[idx] = PinEntry {
                     block: r,
                     generation,
-                    slot: self.local.slot,
-                    epoch: self.local.epoch,
+                    slot,
+                    epoch,
+                    owner,
+                    owner_generation,
                 };
                 self.ctl.pin_cursor = ((idx + 1) % MAX_PINS) as u32;
                 self.ctl.pins_in_use += 1;
                 self.hdr(r)?.pins += 1;
-                return Ok(idx as u32);
+                return Ok((idx as u32, slot, epoch));
             }
         }
         Err(Error::TooManyPins { max: MAX_PINS })
@@ -628,15 +678,7 @@ impl<'a> Txn<'a> {
     }
 
     fn slot_alive(&self, slot: u32) -> bool {
-        if slot == self.local.slot {
-            return true;
-        }
-        if let Some(f) = &self.local.fork {
-            if f.slot == slot {
-                return sys::ofd_is_locked(&self.local.fd, slot_lock_offset(slot), 1);
-            }
-        }
-        sys::ofd_is_locked(&self.local.fd, slot_lock_offset(slot), 1)
+        slot == self.local.slot || sys::ofd_is_locked(&self.local.fd, slot_lock_offset(slot), 1)
     }
 
     /// Releases everything held by processes that died. Returns true if any
@@ -705,11 +747,20 @@ impl<'a> Txn<'a> {
             if p.block == NIL {
                 continue;
             }
-            let (r, generation) = (p.block, p.generation);
-            let ok = ref_seg(r) < segs && {
-                let h = self.hdr(r)?;
-                h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
-            };
+            let (r, generation, owner, owner_generation) =
+                (p.block, p.generation, p.owner, p.owner_generation);
+            let ok = ref_seg(r) < segs
+                && {
+                    let h = self.hdr(r)?;
+                    h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
+                }
+                && (owner == NIL
+                    || ref_seg(owner) < segs && {
+                        let oh = self.hdr(owner)?;
+                        oh.magic == BLOCK_MAGIC
+                            && oh.state == BLOCK_LIVE
+                            && oh.generation == owner_generation
+                    });
             if ok {
                 self.hdr(r)?.pins += 1;
                 pins_in_use += 1;
@@ -852,6 +903,7 @@ impl Arena {
         ctl.bins = [NIL; NBINS];
         for p in ctl.pins.iter_mut() {
             p.block = NIL;
+            p.owner = NIL;
         }
         // SAFETY: the mutex field is inside the mapping and 64-byte aligned.
         let mutex = unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!(ctl.mutex).cast()) };
@@ -1109,11 +1161,24 @@ impl Arena {
         };
     }
 
-    fn pin(&self, bref: u64, generation: u64) -> Result<(u32, u32, u32)> {
-        self.with_txn(|txn| {
-            let idx = txn.pin(bref, generation)?;
-            Ok((idx, txn.local.slot, txn.local.epoch))
-        })
+    fn pin(
+        &self,
+        bref: u64,
+        generation: u64,
+        owner: Option<(u64, u64)>,
+    ) -> Result<(u32, u32, u32)> {
+        self.with_txn(|txn| txn.pin(bref, generation, owner))
+    }
+
+    /// This process's slot in the arena (an owner tag for shared structures).
+    pub fn my_slot(&self) -> u32 {
+        lock_local(&self.inner.local).slot
+    }
+
+    /// True while the process in `slot` lives (it holds the slot's OFD lock).
+    pub fn is_alive(&self, slot: u32) -> bool {
+        let local = lock_local(&self.inner.local);
+        slot == local.slot || sys::ofd_is_locked(&local.fd, slot_lock_offset(slot), 1)
     }
 
     /// Usage figures across every process attached to the arena.
@@ -1388,7 +1453,23 @@ impl Block {
     /// A handle that another process can open. The block stays alive while the
     /// handle is in flight: the receiver adopts the pin when it opens it.
     pub fn handle(&self) -> Result<Handle> {
-        let (pin, slot, epoch) = self.arena.pin(self.bref, self.generation)?;
+        self.make_handle(None)
+    }
+
+    /// A handle whose pin belongs to `owner` (for example a queue the handle
+    /// is stored in) rather than to this process: it stays valid if this
+    /// process dies, and is released when `owner` is freed.
+    pub fn handle_owned_by(&self, owner: &Block) -> Result<Handle> {
+        if owner.arena.token() != self.arena.token() {
+            return Err(Error::InvalidArgument(
+                "owner block belongs to another arena".into(),
+            ));
+        }
+        self.make_handle(Some((owner.bref, owner.generation)))
+    }
+
+    fn make_handle(&self, owner: Option<(u64, u64)>) -> Result<Handle> {
+        let (pin, slot, epoch) = self.arena.pin(self.bref, self.generation, owner)?;
         Ok(Handle::new(
             self.arena.token(),
             ref_seg(self.bref),

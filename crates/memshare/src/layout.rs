@@ -47,6 +47,10 @@ pub const SLOT_FREE: u32 = 0;
 pub const SLOT_ALIVE: u32 = 1;
 
 pub const BLOCK_READONLY: u32 = 1;
+/// The block owns pins of other blocks (drop them when it is freed).
+pub const BLOCK_OWNS_PINS: u32 = 2;
+/// `pin_slot` value in a handle whose pin is owned by a block.
+pub const OWNED_PIN_SLOT: u32 = 0xffff;
 
 /// A block reference: segment index in the top 16 bits, header offset below.
 pub fn block_ref(seg: u32, offset: u64) -> u64 {
@@ -88,6 +92,11 @@ pub struct PinEntry {
     pub generation: u64,
     pub slot: u32,
     pub epoch: u32,
+    /// A block that owns the pin (a queue holding a message), `NIL` if the
+    /// pin belongs to process `slot` instead. An owned pin lives as long as
+    /// its owner block, whatever happens to the process that made it.
+    pub owner: u64,
+    pub owner_generation: u64,
 }
 
 #[repr(C)]

@@ -319,3 +319,34 @@ proptest! {
         prop_assert_eq!((s.live_blocks, s.bytes_in_use), (0, 0));
     }
 }
+
+#[test]
+fn owned_pins_live_and_die_with_their_owner() {
+    let dir = TestDir::new("owned");
+    let arena = Arena::create(&dir.0).unwrap();
+    let queue = arena.alloc(4096, false).unwrap();
+    let msg = arena.alloc(1 << 20, false).unwrap();
+    let h1 = msg.handle_owned_by(&queue).unwrap();
+    let _h2 = msg.handle_owned_by(&queue).unwrap();
+    drop(msg);
+    assert_eq!(
+        arena.stats().unwrap().live_blocks,
+        2,
+        "the queue's pins keep the message alive"
+    );
+    let got = arena.open(&h1).unwrap();
+    assert_eq!(arena.stats().unwrap().pins, 1);
+    drop(got);
+    assert_eq!(
+        arena.stats().unwrap().live_blocks,
+        2,
+        "one owned pin is left"
+    );
+    drop(queue);
+    let s = arena.stats().unwrap();
+    assert_eq!(
+        (s.live_blocks, s.pins),
+        (0, 0),
+        "dropping the owner frees what it pinned"
+    );
+}
