@@ -1,0 +1,57 @@
+# memshare — every target does its own setup; `make help` lists them.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP_DEPS := $(VENV)/.deps-stamp
+STAMP_BUILD := $(VENV)/.build-stamp
+NATIVE_SOURCES := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+PY_DEPS := maturin numpy pandas pyarrow polars scipy pytest pytest-timeout hypothesis ruff tqdm
+BENCH_DEPS := joblib matplotlib
+
+.PHONY: help demo test test-rust test-python lint fmt bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP_DEPS): Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(PY_DEPS)
+	touch $@
+
+$(STAMP_BUILD): $(STAMP_DEPS) $(NATIVE_SOURCES)
+	$(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+setup: $(STAMP_BUILD)
+
+demo: setup ## Set everything up in .venv and run the demo
+	$(PY) examples/demo.py
+
+test: test-rust test-python ## Set up and run every test (Rust and Python)
+
+test-rust: ## Rust unit, integration and property tests
+	cargo test --workspace --exclude memshare-python
+
+test-python: setup ## pytest suite (real processes: fork, spawn, forkserver)
+	$(PY) -m pytest -q
+
+lint: $(STAMP_DEPS) ## clippy -D warnings, rustfmt --check, ruff
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo fmt --all -- --check
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
+
+fmt: $(STAMP_DEPS) ## Format Rust and Python sources
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests benches examples
+	$(VENV)/bin/ruff check --fix python tests benches examples
+
+bench: setup ## Run the benchmarks (prints tables, writes BENCHMARKS.md)
+	$(PIP) install --quiet $(BENCH_DEPS)
+	$(PY) benches/run_all.py
+
+clean: ## Remove build products and the virtualenv
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,100 @@
+"""memshare: share numpy arrays and DataFrames between processes without copying.
+
+Data lives in shared memory; only small handles travel between processes;
+memory is freed when the last process lets go of it, also when a process
+crashes. See https://github.com/ (README) and ``docs/how-it-works.md``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing.util
+import os
+
+from . import _native
+from ._array import (
+    SharedArray,
+    empty,
+    empty_like,
+    full,
+    full_like,
+    is_shared,
+    zeros,
+    zeros_like,
+)
+from ._native import (
+    CorruptSegmentError,
+    HandleError,
+    SharedMemoryError,
+    StaleHandleError,
+)
+from ._share import share
+
+__all__ = [
+    "CorruptSegmentError",
+    "HandleError",
+    "SharedArray",
+    "SharedMemoryError",
+    "StaleHandleError",
+    "empty",
+    "empty_like",
+    "full",
+    "full_like",
+    "is_shared",
+    "reap",
+    "set_limit",
+    "share",
+    "stats",
+    "zeros",
+    "zeros_like",
+]
+
+
+def stats() -> dict:
+    """Usage of this process tree's arena, counting the blocks of every process.
+
+    Returns a dict with ``bytes_reserved`` (shared memory taken from the
+    system), ``bytes_in_use`` (held by live objects), ``live_blocks``,
+    ``segments``, ``pins`` (handles sent but not yet received), ``processes``
+    attached, and ``limit`` (None if unlimited).
+    """
+    return _native.stats()
+
+
+def set_limit(nbytes: int | None) -> None:
+    """Caps the arena's shared memory (all processes); None removes the cap.
+
+    The environment variable ``MEMSHARE_LIMIT`` (e.g. ``8G``) sets it at start.
+    Allocations beyond it raise :class:`SharedMemoryError` (a ``MemoryError``).
+    """
+    _native.set_limit(nbytes)
+
+
+def reap() -> bool:
+    """Releases the memory held by processes that died; True if any were found.
+
+    memshare does this by itself within a second at the next allocation; call
+    it to reclaim immediately (e.g. after killing workers).
+    """
+    return _native.reap()
+
+
+def _after_fork_child() -> None:
+    _native.after_fork_child()
+    # multiprocessing clears its finalizers in a new child; register ours again.
+    _register_exit()
+
+
+def _register_exit() -> None:
+    # Pool workers and Process children leave through os._exit(), which skips
+    # atexit; multiprocessing runs its finalizers first, so detach there too.
+    multiprocessing.util.Finalize(None, _native.shutdown, exitpriority=-100)
+
+
+os.register_at_fork(
+    before=_native.before_fork,
+    after_in_parent=_native.after_fork_parent,
+    after_in_child=_after_fork_child,
+)
+atexit.register(_native.shutdown)
+_register_exit()

@@ -1,0 +1,69 @@
+"""Test isolation for memshare: a private segment directory per session, a
+leak check after every test, and a session check that nothing is left in it."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+# Must happen before memshare creates its arena; children inherit it.
+SHM_DIR = Path(f"/dev/shm/memshare-pytest-{os.getpid()}")
+SHM_DIR.mkdir(mode=0o700, exist_ok=True)
+os.environ["MEMSHARE_DIR"] = str(SHM_DIR)
+os.environ.pop("MEMSHARE_ARENA", None)
+os.environ.pop("MEMSHARE_LIMIT", None)
+
+import memshare as ms  # noqa: E402
+from memshare import _native  # noqa: E402
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request):
+    """A multiprocessing context for each start method."""
+    return mp.get_context(request.param)
+
+
+def _settle() -> dict:
+    gc.collect()
+    s = ms.stats()
+    if s["live_blocks"] or s["pins"]:
+        ms.reap()
+        gc.collect()
+        s = ms.stats()
+    return s
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Every test must give back all shared memory it took."""
+    before = _settle()
+    yield
+    if "allow_leftovers" in request.keywords:
+        return
+    after = _settle()
+    assert (after["live_blocks"], after["bytes_in_use"], after["pins"]) == (
+        before["live_blocks"],
+        before["bytes_in_use"],
+        before["pins"],
+    ), f"shared memory left behind by the test: {after}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    gc.collect()
+    _native.shutdown()
+    leftovers = sorted(p.name for p in SHM_DIR.iterdir()) if SHM_DIR.exists() else []
+    stray = sorted(p.name for p in Path("/dev/shm").glob("memshare-*") if p.is_file())
+    shutil.rmtree(SHM_DIR, ignore_errors=True)
+    if leftovers:
+        sys.stderr.write(f"\nmemshare: segments left in {SHM_DIR}: {leftovers}\n")
+        session.exitstatus = 1
+    if stray:
+        sys.stderr.write(f"\nmemshare: note: other memshare segments in /dev/shm: {stray}\n")
