@@ -1132,6 +1132,10 @@ impl Arena {
         Some((block, addr - start))
     }
 
+    fn owns_block_start(&self, addr: usize) -> bool {
+        lock_local(&self.inner.local).refs.contains_key(&addr)
+    }
+
     fn retain(&self, ptr: *mut u8) {
         let mut local = lock_local(&self.inner.local);
         if let Some(e) = local.refs.get_mut(&(ptr as usize)) {
@@ -1505,6 +1509,31 @@ impl Block {
         // SAFETY: as above; exclusivity is the caller's promise.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
+}
+
+impl Block {
+    /// Gives up the Rust value but keeps its reference: for allocators that
+    /// hand the pointer to foreign code (numpy's allocator hook). Release it
+    /// with [`Arena::release_raw`] or [`release_raw`].
+    /// The forgotten value keeps its arena attached, so the pointer stays
+    /// mapped for as long as the foreign code holds it.
+    pub fn into_raw(self) -> *mut u8 {
+        let ptr = self.ptr;
+        std::mem::forget(self);
+        ptr
+    }
+}
+
+/// Releases a reference given up with [`Block::into_raw`], in whichever
+/// attached arena holds `ptr`. Returns false if `ptr` is not a block start.
+pub fn release_raw(ptr: *mut u8) -> bool {
+    for a in Arena::all_attached() {
+        if a.owns_block_start(ptr as usize) {
+            a.release(ptr);
+            return true;
+        }
+    }
+    false
 }
 
 impl Clone for Block {
