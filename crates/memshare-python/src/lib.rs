@@ -338,33 +338,31 @@ fn collect_garbage(dir: Option<PathBuf>, dry_run: bool) -> PyResult<Vec<String>>
     Arena::collect_garbage(&dir.unwrap_or_else(arena::default_dir), dry_run).map_err(to_pyerr)
 }
 
-/// Describes the arena `token` in `dir` for `memshare ls`.
+/// Describes every arena in `dir` for `memshare ls`, without attaching.
 #[pyfunction]
-#[pyo3(signature = (token, dir=None))]
-fn describe<'py>(
-    py: Python<'py>,
-    token: &str,
-    dir: Option<PathBuf>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let t = arena::parse_hex(token).ok_or_else(|| PyValueError::new_err("not an arena token"))?;
-    let already = Arena::all_attached().iter().any(|a| a.token() == t);
-    let a = Arena::attach(&dir.unwrap_or_else(arena::default_dir), t).map_err(to_pyerr)?;
-    let s = a.stats().map_err(to_pyerr)?;
-    let me = a.my_slot();
-    let slots = a.slots().map_err(to_pyerr)?;
-    let d = stats_dict(py, s)?;
-    let procs: Vec<(u32, bool)> = slots
-        .iter()
-        .filter(|s| s.slot != me)
-        .map(|s| (s.pid, s.alive))
-        .collect();
-    d.set_item("processes", procs.len())?;
-    d.set_item("owners", procs)?;
-    d.set_item("token", token)?;
-    if !already {
-        a.detach().map_err(to_pyerr)?;
+#[pyo3(signature = (dir=None))]
+fn list_arenas(py: Python<'_>, dir: Option<PathBuf>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    let dir = dir.unwrap_or_else(arena::default_dir);
+    let mut out = Vec::new();
+    for token in Arena::list(&dir) {
+        let d = PyDict::new(py);
+        d.set_item("token", arena::hex(&token))?;
+        d.set_item("path", arena::ctl_path(&dir, &token))?;
+        match Arena::inspect(&dir, token) {
+            Ok((s, slots)) => {
+                let d2 = stats_dict(py, s)?;
+                d.update(d2.as_mapping())?;
+                let owners: Vec<(u32, bool)> = slots.iter().map(|s| (s.pid, s.alive)).collect();
+                d.set_item("alive", owners.iter().any(|o| o.1))?;
+                d.set_item("owners", owners)?;
+            }
+            Err(e) => {
+                d.set_item("error", e.to_string())?;
+            }
+        }
+        out.push(d);
     }
-    Ok(d)
+    Ok(out)
 }
 
 /// `os.register_at_fork(before=...)`: reserve child slots in every arena.
@@ -419,7 +417,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(arena_token, m)?)?;
     m.add_function(wrap_pyfunction!(shm_dir, m)?)?;
     m.add_function(wrap_pyfunction!(collect_garbage, m)?)?;
-    m.add_function(wrap_pyfunction!(describe, m)?)?;
+    m.add_function(wrap_pyfunction!(list_arenas, m)?)?;
     m.add_function(wrap_pyfunction!(before_fork, m)?)?;
     m.add_function(wrap_pyfunction!(after_fork_parent, m)?)?;
     m.add_function(wrap_pyfunction!(after_fork_child, m)?)?;

@@ -1284,6 +1284,54 @@ impl Arena {
         local.segments.iter().flatten().any(|m| m.contains(addr))
     }
 
+    /// Reads an arena's figures and process slots without attaching to it
+    /// (for `memshare ls`): nothing is changed, no slot is taken.
+    pub fn inspect(dir: &Path, token: [u8; 16]) -> Result<(Stats, Vec<SlotInfo>)> {
+        let path = ctl_path(dir, &token);
+        let fd = sys::open_file(&path)?;
+        let map = Self::map_ctl(&path, &fd)?;
+        let ctl_ptr = map.ptr() as *mut CtlHeader;
+        // SAFETY: the mutex lies inside the validated control mapping.
+        let mutex =
+            unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
+        mutex.lock()?;
+        // SAFETY: we hold the arena mutex; we only read.
+        let ctl = unsafe { &*ctl_ptr };
+        let stats = Stats {
+            bytes_reserved: ctl.bytes_reserved,
+            bytes_in_use: ctl.bytes_in_use,
+            live_blocks: ctl.live_blocks,
+            segments: ctl.segment_count as u64,
+            pins: ctl.pins_in_use,
+            processes: ctl.slots.iter().filter(|s| s.state == SLOT_ALIVE).count() as u64,
+            limit: ctl.limit,
+        };
+        // `fd` is a fresh open file description holding no lock, so every
+        // live holder shows up as a conflict.
+        let slots = (0..MAX_PROCS as u32)
+            .filter(|&s| ctl.slots[s as usize].state == SLOT_ALIVE)
+            .map(|s| SlotInfo {
+                slot: s,
+                pid: ctl.slots[s as usize].pid,
+                alive: sys::ofd_is_locked(&fd, slot_lock_offset(s), 1),
+            })
+            .collect();
+        mutex.unlock();
+        Ok((stats, slots))
+    }
+
+    /// Tokens of the arenas whose control segment is in `dir`.
+    pub fn list(dir: &Path) -> Vec<[u8; 16]> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<[u8; 16]> = entries
+            .filter_map(|e| parse_hex(e.ok()?.file_name().to_str()?.strip_prefix("memshare-")?))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Removes the files of arenas in `dir` whose every process is dead.
     /// Returns the tokens removed (or that would be, with `dry_run`).
     pub fn collect_garbage(dir: &Path, dry_run: bool) -> Result<Vec<String>> {
