@@ -49,6 +49,7 @@ import numpy as np
 
 __all__ = [
     "share_frame",
+    "install",
     "register_reducers",
     "register_reducers_on_import",
     "reduce_frame",
@@ -110,33 +111,28 @@ def handled_type(obj: Any) -> bool:
 # --------------------------------------------------------------------------
 
 
-def share_frame(
-    obj: Any,
-    share_array: ShareArray,
-    is_shared: Callable[[Any], bool] | None = None,
-) -> Any:
+def share_frame(obj: Any, share_array: ShareArray) -> Any:
     """Copy a frame-like object into shared memory.
 
     Args:
         obj: a pandas ``DataFrame``, ``Series`` or ``Index``; a pyarrow
             ``Table``, ``RecordBatch``, ``Array`` or ``ChunkedArray``; a polars
             ``DataFrame`` or ``Series``.
-        share_array: ``share_array(arr, readonly=...)`` copies a numpy array
-            into shared memory and returns the shared array.
-        is_shared: optional ``is_shared(arr)``; read-only arrays that already
-            lie in shared memory are then reused instead of copied again.
+        share_array: ``share_array(arr, readonly=True)`` copies a numpy array
+            into read-only shared memory and returns the shared array (an
+            array already in read-only shared memory is returned as is, so
+            sharing a shared frame again copies nothing but the encodings of
+            ``object`` columns it cannot find in its cache).
 
     Returns:
         An object of the same type, equal to ``obj``, whose data buffers were
-        all produced by ``share_array`` (``NotImplemented`` for other types).
+        all produced by ``share_array``; ``NotImplemented`` for other types.
     """
     if not handled_type(obj):
         return NotImplemented
 
     def leaf(arr: np.ndarray) -> np.ndarray:
         if arr.nbytes == 0:
-            return arr
-        if is_shared is not None and not arr.flags.writeable and is_shared(arr):
             return arr
         return share_array(arr, readonly=True)
 
@@ -176,8 +172,10 @@ def _reduce_arrow_buffer(buf: Any) -> Any:
 
 
 def _py_buffer(arr: np.ndarray) -> Any:
-    return sys.modules["pyarrow"].py_buffer(arr) if "pyarrow" in sys.modules else (
-        _require("pyarrow").py_buffer(arr)
+    return (
+        sys.modules["pyarrow"].py_buffer(arr)
+        if "pyarrow" in sys.modules
+        else (_require("pyarrow").py_buffer(arr))
     )
 
 
@@ -270,6 +268,31 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
         return spec
 
 
+def install() -> None:
+    """Make handled objects pickle by handle through memshare and the stdlib.
+
+    Registers the reducers with ``multiprocessing.reduction.ForkingPickler``
+    (stdlib ``multiprocessing`` and ``concurrent.futures``) and with
+    ``memshare._array.extra_reducers`` (memshare's own pickler), now for the
+    packages already imported and on import for the others. Idempotent.
+    """
+    global _INSTALLED
+    with _HOOK_LOCK:
+        if _INSTALLED:
+            return
+        _INSTALLED = True
+    from multiprocessing.reduction import ForkingPickler
+
+    from . import _array
+
+    def register(t: type, fn: Callable[[Any], Any]) -> None:
+        ForkingPickler.register(t, fn)
+        _array.extra_reducers[t] = fn
+
+    register_reducers_on_import(register)
+
+
+_INSTALLED = False
 _HOOK: _PostImportHook | None = None
 _HOOK_LOCK = threading.Lock()
 
@@ -507,9 +530,20 @@ def _enc_array(arr: Any, leaf: Leaf, local: bool) -> tuple:
     if isinstance(arr, NDArrayBackedExtensionArray):
         return ("pd_ndb", cls, arr.dtype, _enc_array(arr._ndarray, leaf, local))
     if isinstance(arr, BaseMaskedArray):
-        return ("pd_masked", cls, _enc_array(arr._data, leaf, local), _enc_array(arr._mask, leaf, local))
+        return (
+            "pd_masked",
+            cls,
+            _enc_array(arr._data, leaf, local),
+            _enc_array(arr._mask, leaf, local),
+        )
     if isinstance(arr, IntervalArray):
-        return ("pd_interval", cls, arr.dtype, _enc_array(arr._left, leaf, local), _enc_array(arr._right, leaf, local))
+        return (
+            "pd_interval",
+            cls,
+            arr.dtype,
+            _enc_array(arr._left, leaf, local),
+            _enc_array(arr._right, leaf, local),
+        )
     pa_array = getattr(arr, "_pa_array", None)
     pa = sys.modules.get("pyarrow")
     if pa is not None and isinstance(pa_array, pa.ChunkedArray):
@@ -604,7 +638,14 @@ def _map_object_leaves(node: tuple, leaf: Leaf) -> tuple:
     """Apply ``leaf`` to the buffers of an encoded object array."""
     if node[0] == "objstr":
         _, n, offsets, data, validity, na = node
-        return ("objstr", n, leaf(offsets), leaf(data), None if validity is None else leaf(validity), na)
+        return (
+            "objstr",
+            n,
+            leaf(offsets),
+            leaf(data),
+            None if validity is None else leaf(validity),
+            na,
+        )
     if node[0] == "obj2d":
         return ("obj2d", node[1], [_map_object_leaves(r, leaf) for r in node[2]])
     return node
@@ -629,7 +670,9 @@ def _missing_mask(arr: np.ndarray) -> np.ndarray:
     pd = sys.modules.get("pandas")
     if pd is not None:
         return np.asarray(pd.isna(arr), dtype=bool)
-    return np.fromiter((x is None or (isinstance(x, float) and x != x) for x in arr), bool, len(arr))
+    return np.fromiter(
+        (x is None or (isinstance(x, float) and x != x) for x in arr), bool, len(arr)
+    )
 
 
 def _encode_strings(arr: np.ndarray) -> tuple | None:
@@ -695,13 +738,19 @@ def _has_pyarrow() -> bool:
     return _PYARROW_CHECKED[0]
 
 
-def _decode_strings(n: int, offsets: np.ndarray, data: np.ndarray, validity: np.ndarray | None, na: Any) -> np.ndarray:
+def _decode_strings(
+    n: int, offsets: np.ndarray, data: np.ndarray, validity: np.ndarray | None, na: Any
+) -> np.ndarray:
     if n and _has_pyarrow():
         pa = sys.modules["pyarrow"]
         pa_arr = pa.Array.from_buffers(
             pa.large_string(),
             n,
-            [None if validity is None else pa.py_buffer(validity), pa.py_buffer(offsets), pa.py_buffer(data)],
+            [
+                None if validity is None else pa.py_buffer(validity),
+                pa.py_buffer(offsets),
+                pa.py_buffer(data),
+            ],
         )
         out = pa_arr.to_numpy(zero_copy_only=False)
         if not out.flags.writeable:

@@ -52,6 +52,8 @@ pub fn home() -> Result<Arena> {
     let a = match inherited.map(|t| Arena::attach(&dir, t)) {
         Some(Ok(a)) => a,
         _ => {
+            // A new process tree starts: first remove what crashed trees left.
+            let _ = Arena::collect_garbage(&dir, false);
             let a = Arena::create(&dir)?;
             std::env::set_var(ARENA_ENV, arena::hex(&a.token()));
             a
