@@ -2,6 +2,8 @@
 //! The Python API in `python/memshare` is built on these few functions.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod numpy_hook;
+
 use std::ffi::c_int;
 use std::path::PathBuf;
 
@@ -422,5 +424,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(after_fork_parent, m)?)?;
     m.add_function(wrap_pyfunction!(after_fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(shutdown, m)?)?;
+    numpy_hook::register(m)?;
     Ok(())
 }
