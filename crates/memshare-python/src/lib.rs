@@ -123,6 +123,7 @@ impl PyBlock {
 
     /// An array message (handle + layout) for a view of this block.
     #[pyo3(signature = (dtype, itemsize, shape, strides, offset, owner=None))]
+    #[allow(clippy::too_many_arguments)]
     fn array_message<'py>(
         &self,
         py: Python<'py>,
