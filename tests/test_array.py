@@ -71,6 +71,17 @@ def child_echo_checksum(arr):
     )
 
 
+def contents(a: np.ndarray):
+    """Bytes of every element; fields separately (padding between them is undefined)."""
+    if a.dtype.names:
+        return [contents(np.asarray(a[n])) for n in a.dtype.names]
+    return a.tobytes()
+
+
+def child_copies(arrays):
+    return [(a.dtype.str, a.shape, contents(a), ms.is_shared(a), type(a).__name__) for a in arrays]
+
+
 def child_write(arr, value):
     arr[...] = value
     return ms.is_shared(arr)
@@ -125,6 +136,20 @@ def test_values_cross_processes(ctx, dtype):
             kind, dt, shape, data, shared = pool.apply_async(child_echo_checksum, (v,)).get(TIMEOUT)
             assert (dt, shape, data) == (str(v.dtype), v.shape, v.tobytes()), name
             assert kind == "SharedArray" and shared, f"{name} was copied, not mapped"
+
+
+def test_every_dtype_and_layout_cross_processes(ctx):
+    sent = [
+        ms.share(v) if name != "view" else ms.share(a)[1::2, ::-1]
+        for a in (sample(dt) for dt in DTYPES)
+        for name, v in {**layouts(a), "view": a}.items()
+    ]
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(child_copies, (sent,)).get(TIMEOUT)
+    assert len(got) == len(sent)
+    for s, (dtype, shape, data, shared, kind) in zip(sent, got):
+        assert shared and kind == "SharedArray", s.dtype
+        assert (dtype, shape, data) == (s.dtype.str, s.shape, contents(s)), s.dtype
 
 
 def test_writes_in_child_are_seen_by_parent(ctx):
