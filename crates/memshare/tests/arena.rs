@@ -350,3 +350,69 @@ fn owned_pins_live_and_die_with_their_owner() {
         "dropping the owner frees what it pinned"
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    /// Whatever bytes sit in a file with a memshare name, attaching refuses
+    /// them with an error instead of trusting them.
+    #[test]
+    fn garbage_control_files_are_refused(
+        mut bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+        valid_magic in any::<bool>(),
+        pad in any::<bool>(),
+    ) {
+        let dir = TestDir::new("garbage");
+        if valid_magic && bytes.len() >= 8 {
+            bytes[..8].copy_from_slice(b"MSHRCTL\0");
+        }
+        if pad {
+            bytes.resize(memshare::layout::CTL_SIZE as usize, 0xee);
+        }
+        let token = [0x5a; 16];
+        std::fs::write(ctl_path(&dir.0, &token), &bytes).unwrap();
+        let err = Arena::attach(&dir.0, token).err().expect("garbage must not attach");
+        prop_assert!(matches!(err, Error::Corrupt { .. }), "{}", err);
+    }
+}
+
+/// Child half of `other_user_cannot_attach`.
+#[test]
+fn child_as_nobody() {
+    let Ok(token) = std::env::var("MEMSHARE_TEST_NOBODY") else {
+        return;
+    };
+    let dir = std::env::var("MEMSHARE_DIR").unwrap();
+    // SAFETY: plain syscalls dropping privileges in a single-threaded child test.
+    unsafe {
+        assert_eq!(libc::setgid(65534), 0);
+        assert_eq!(libc::setuid(65534), 0);
+    }
+    let token = memshare::arena::parse_hex(&token).unwrap();
+    let err = Arena::attach(std::path::Path::new(&dir), token)
+        .err()
+        .expect("must not attach");
+    assert!(matches!(err, Error::PermissionDenied { .. }), "{err}");
+}
+
+#[test]
+fn other_user_cannot_attach() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let dir = TestDir::new("nobody");
+    let arena = Arena::create(&dir.0).unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_as_nobody",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MEMSHARE_TEST_NOBODY", hex(&arena.token()))
+        .env("MEMSHARE_DIR", &dir.0)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
