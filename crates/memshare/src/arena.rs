@@ -1179,6 +1179,24 @@ impl Arena {
         lock_local(&self.inner.local).slot
     }
 
+    /// This process's (slot, epoch). The epoch changes each time a slot is
+    /// taken, so the pair names one process even after its slot is reused.
+    pub fn my_owner(&self) -> (u32, u32) {
+        let local = lock_local(&self.inner.local);
+        (local.slot, local.epoch)
+    }
+
+    /// The epoch of the process that currently occupies `slot`, if any.
+    pub fn slot_epoch(&self, slot: u32) -> Result<Option<u32>> {
+        if slot as usize >= MAX_PROCS {
+            return Ok(None);
+        }
+        self.with_txn(|txn| {
+            let s = &txn.ctl.slots[slot as usize];
+            Ok((s.state == SLOT_ALIVE).then_some(s.epoch))
+        })
+    }
+
     /// True while the process in `slot` lives (it holds the slot's OFD lock).
     pub fn is_alive(&self, slot: u32) -> bool {
         let local = lock_local(&self.inner.local);

@@ -271,4 +271,12 @@ impl SharedArray {
         let block = crate::open(&handle)?;
         Ok(SharedArray { block, meta })
     }
+
+    /// Opens an array message whose block lies in `arena` (when the arena is
+    /// not found through `MEMSHARE_DIR`).
+    pub fn from_bytes_in(arena: &Arena, bytes: &[u8]) -> Result<SharedArray> {
+        let (handle, meta) = ArrayMeta::decode(bytes)?;
+        let block = arena.open(&handle)?;
+        Ok(SharedArray { block, meta })
+    }
 }

@@ -20,6 +20,7 @@ pub mod array;
 pub mod error;
 pub mod handle;
 pub mod layout;
+pub mod queue;
 pub mod sys;
 
 use std::sync::{Mutex, OnceLock};
@@ -28,6 +29,7 @@ pub use arena::{release_raw, Arena, Block, Stats};
 pub use array::{ArrayMeta, Element, SharedArray};
 pub use error::{Error, Result};
 pub use handle::Handle;
+pub use queue::Queue;
 
 /// Environment variable naming the arena that children of this process join.
 pub const ARENA_ENV: &str = "MEMSHARE_ARENA";

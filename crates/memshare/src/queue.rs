@@ -1,0 +1,1123 @@
+//! A bounded multi-producer multi-consumer queue of byte messages in shared
+//! memory, usable from any number of processes (Rust or Python).
+//!
+//! The whole queue is one arena [`Block`], so it is reference-counted,
+//! passed between processes by [`Handle`] and freed like any block:
+//!
+//! ```text
+//! +--------------------------------------------------------------+
+//! | Header (320 B): magic, version, capacity, slot size, flags,  |
+//! |   closed | unfinished (own line) | tail (own line) |          |
+//! |   head (own line) | futex words + waiter counts              |
+//! +--------------------------------------------------------------+
+//! | slot 0: word u64 | kind u32 | len u32 | data [inline_size]   |
+//! | slot 1: ...                                                  |
+//! +--------------------------------------------------------------+
+//! ```
+//!
+//! # Slot protocol
+//! Each slot has one 64-bit *word* that holds `seq` (the queue position the
+//! slot is ready for, modulo 2^32), a state and an *owner tag* (arena slot +
+//! epoch of the process that claimed it):
+//!
+//! ```text
+//!   EMPTY(p) --producer CAS--> WRITING(p, me) --store--> FULL(p)
+//!   FULL(p)  --consumer CAS--> READING(p, me) --store--> EMPTY(p + capacity)
+//! ```
+//! Claims are CASes on the slot word itself (so the owner tag is written
+//! atomically with the claim); `tail`/`head` are then advanced by the
+//! claimer or by anyone who sees the slot already claimed (helping), as in
+//! Vyukov's bounded queue. No lock is taken on the hot path.
+//!
+//! # Faults
+//! A process killed between claiming and releasing a slot leaves it WRITING
+//! or READING with its owner tag. A waiter blocked on such a slot for
+//! [`STUCK_AFTER`] checks whether the owner still lives
+//! ([`Arena::is_alive`] plus the slot's epoch, so a reused slot is not taken
+//! for its previous occupant) and, if not, repairs it:
+//! - WRITING: if the dead producer had finished writing the message (its
+//!   `kind` is set), the message is published; otherwise the slot is
+//!   published as a tombstone that consumers skip.
+//! - READING: the consumer died inside `get`, before the message was handed
+//!   to its caller. The message is dropped and the memory it references is
+//!   released; the slot becomes EMPTY for the next lap.
+//!
+//! # Messages
+//! Messages up to `inline_size` bytes are copied into the slot; larger ones
+//! into their own arena block whose handle (pinned by the queue block, so it
+//! survives the death of the producer and is freed with the queue) sits in
+//! the slot. With `put_message(.., adopt_handles = true)` the handles that
+//! the message embeds (pickled shared arrays) are re-pinned to the queue
+//! block too, so they are owned by the queue while the message waits and by
+//! the consumer once `get` returns.
+
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::arena::{Arena, Block};
+use crate::array::{ArrayMeta, SharedArray};
+use crate::error::{Error, Result};
+use crate::handle::{Handle, HANDLE_LEN, HANDLE_VERSION};
+use crate::layout::MAX_PROCS;
+use crate::sys;
+
+pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"MSHRQUE\0");
+pub const QUEUE_VERSION: u32 = 1;
+/// Bytes before the first slot.
+pub const HEADER_SIZE: usize = 320;
+/// Bytes of a slot before its data.
+pub const SLOT_HEADER: usize = 16;
+/// Largest capacity (slots) of a queue.
+pub const MAX_CAPACITY: u64 = 1 << 24;
+/// Largest inline message size.
+pub const MAX_INLINE: usize = 1 << 20;
+/// How long a waiter lets a claimed slot sit before checking its owner.
+pub const STUCK_AFTER: Duration = Duration::from_millis(10);
+/// Waiters wake at least this often even if nobody wakes them, as insurance
+/// against wake-ups lost with a process that died right after being woken.
+const IDLE_SLICE: Duration = Duration::from_secs(1);
+
+const FLAG_JOINABLE: u32 = 1;
+
+// Word layout: seq (32) | state (2) | owner slot (8) | owner epoch (22).
+const EMPTY: u64 = 0;
+const WRITING: u64 = 1;
+const FULL: u64 = 2;
+const READING: u64 = 3;
+const EPOCH_BITS: u32 = 22;
+const EPOCH_MASK: u32 = (1 << EPOCH_BITS) - 1;
+const _: () = assert!(MAX_PROCS <= 256, "owner tags hold an 8-bit arena slot");
+
+const KIND_NONE: u32 = 0;
+const KIND_INLINE: u32 = 1;
+const KIND_BLOCK: u32 = 2;
+const KIND_MASK: u32 = 0xff;
+/// The message embeds handles pinned by the queue.
+const KIND_HANDLES: u32 = 0x100;
+
+/// Packs a slot word. Public for the model tests of the slot protocol.
+pub fn pack(seq: u32, state: u64, owner: u32) -> u64 {
+    ((seq as u64) << 32) | (state << 30) | (owner as u64 & 0x3fff_ffff)
+}
+
+/// (seq, state, owner) of a slot word.
+pub fn unpack(w: u64) -> (u32, u64, u32) {
+    ((w >> 32) as u32, (w >> 30) & 3, (w & 0x3fff_ffff) as u32)
+}
+
+fn owner_tag(slot: u32, epoch: u32) -> u32 {
+    (slot << EPOCH_BITS) | (epoch & EPOCH_MASK)
+}
+
+/// Signed distance from position `pos` to a slot's `seq` (both mod 2^32).
+fn dist(seq: u32, pos: u64) -> i32 {
+    seq.wrapping_sub(pos as u32) as i32
+}
+
+/// What a producer should do, given the word of the slot at the tail.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum PutView {
+    /// The slot is free for position `pos`: CAS it to WRITING.
+    Claim,
+    /// Position `pos` is taken: help advance the tail.
+    Advance,
+    /// The slot still holds the previous lap: the queue is full.
+    Full,
+    /// The tail moved on: reload it.
+    Stale,
+}
+
+/// What a consumer should do, given the word of the slot at the head.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum GetView {
+    Claim,
+    Advance,
+    /// Nothing published at `pos` yet.
+    Empty,
+    Stale,
+}
+
+/// The producer's decision for the slot at tail position `pos`.
+pub fn put_view(word: u64, pos: u64) -> PutView {
+    let (seq, state, _) = unpack(word);
+    match dist(seq, pos) {
+        0 if state == EMPTY => PutView::Claim,
+        0 => PutView::Advance,
+        d if d < 0 => PutView::Full,
+        _ => PutView::Stale,
+    }
+}
+
+/// The consumer's decision for the slot at head position `pos`.
+pub fn get_view(word: u64, pos: u64) -> GetView {
+    let (seq, state, _) = unpack(word);
+    match dist(seq, pos) {
+        0 => match state {
+            FULL => GetView::Claim,
+            READING => GetView::Advance,
+            _ => GetView::Empty,
+        },
+        d if d < 0 => GetView::Empty,
+        _ => GetView::Stale,
+    }
+}
+
+/// A cache line of its own.
+#[repr(C, align(64))]
+struct Line<T>(T);
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    header_size: u32,
+    capacity: u64,
+    stride: u64,
+    inline_size: u64,
+    flags: u32,
+    closed: AtomicU32,
+    _pad: [u64; 2],
+    unfinished: Line<AtomicU64>,
+    tail: Line<AtomicU64>,
+    head: Line<AtomicU64>,
+    futex: Line<Futexes>,
+}
+
+#[repr(C)]
+struct Futexes {
+    /// Bumped when a message is published and consumers wait.
+    not_empty: AtomicU32,
+    get_waiters: AtomicU32,
+    /// Bumped when a slot is released and producers wait.
+    not_full: AtomicU32,
+    put_waiters: AtomicU32,
+    /// Bumped when `unfinished` drops to zero.
+    all_done: AtomicU32,
+    join_waiters: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_SIZE);
+
+#[repr(C)]
+struct SlotHdr {
+    word: AtomicU64,
+    kind: AtomicU32,
+    len: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<SlotHdr>() == SLOT_HEADER);
+
+/// A message taken from the queue.
+pub struct Message {
+    data: Payload,
+    /// Blocks referenced by handles embedded in the message, opened before
+    /// the slot was released: keep them while decoding the message.
+    keep: Vec<Block>,
+}
+
+enum Payload {
+    Inline(Vec<u8>),
+    Block(Block),
+}
+
+impl Message {
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.data {
+            Payload::Inline(v) => v,
+            // SAFETY: a message block is written once by its producer before
+            // it is published and never written again; this process holds
+            // the only reference that reaches it through the queue.
+            Payload::Block(b) => unsafe { b.as_slice() },
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<u8> {
+        match self.data {
+            Payload::Inline(v) => v,
+            Payload::Block(_) => self.as_bytes().to_vec(),
+        }
+    }
+
+    /// The blocks referenced by the message's embedded handles. Dropping them
+    /// before opening the handles again may free those blocks.
+    pub fn keep(&self) -> &[Block] {
+        &self.keep
+    }
+
+    pub fn into_keep(self) -> Vec<Block> {
+        self.keep
+    }
+}
+
+/// Which side of the queue a waiter is on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Put,
+    Get,
+}
+
+enum Attempt<T> {
+    Done(Result<T>),
+    /// Blocked; `(pos, word)` of a slot claimed by someone else that is in
+    /// the way, if any.
+    Blocked(Option<(u64, u64)>),
+    /// Made progress (skipped a tombstone): try again at once.
+    Retry,
+}
+
+/// A bounded MPMC queue of byte messages in shared memory.
+pub struct Queue {
+    block: Block,
+    cap: u64,
+    stride: usize,
+    inline: usize,
+    joinable: bool,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("capacity", &self.cap)
+            .field("inline_size", &self.inline)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+fn deadline_of(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
+/// Time left until `deadline`; None waits forever (no timeout, or one too
+/// large to represent).
+fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+impl Queue {
+    /// Creates a queue of `capacity` messages in `arena`; messages up to
+    /// `inline_size` bytes are stored in the slots themselves.
+    pub fn new(arena: &Arena, capacity: usize, inline_size: usize) -> Result<Queue> {
+        Self::with_options(arena, capacity, inline_size, false)
+    }
+
+    /// As [`Queue::new`]; a joinable queue also counts unfinished tasks
+    /// ([`Queue::task_done`], [`Queue::join`]).
+    pub fn with_options(
+        arena: &Arena,
+        capacity: usize,
+        inline_size: usize,
+        joinable: bool,
+    ) -> Result<Queue> {
+        if capacity == 0 || capacity as u64 > MAX_CAPACITY {
+            return Err(Error::InvalidArgument(format!(
+                "queue capacity must be between 1 and {MAX_CAPACITY}, not {capacity}"
+            )));
+        }
+        if inline_size > MAX_INLINE {
+            return Err(Error::InvalidArgument(format!(
+                "inline message size must be at most {MAX_INLINE} bytes, not {inline_size}"
+            )));
+        }
+        let data = inline_size.max(HANDLE_LEN);
+        let stride = (SLOT_HEADER + data).div_ceil(64) * 64;
+        let total = HEADER_SIZE + capacity * stride;
+        let block = arena.alloc(total, false)?;
+        let base = block.as_ptr();
+        // SAFETY: the block was just allocated with room for the header and
+        // `capacity` slots, is 64-byte aligned, and no other process knows
+        // it yet, so this thread has exclusive access while initialising.
+        unsafe {
+            std::ptr::write_bytes(base, 0, HEADER_SIZE);
+            let h = &mut *(base as *mut Header);
+            h.version = QUEUE_VERSION;
+            h.header_size = HEADER_SIZE as u32;
+            h.capacity = capacity as u64;
+            h.stride = stride as u64;
+            h.inline_size = inline_size as u64;
+            h.flags = if joinable { FLAG_JOINABLE } else { 0 };
+            for i in 0..capacity {
+                let s = base.add(HEADER_SIZE + i * stride);
+                std::ptr::write_bytes(s, 0, SLOT_HEADER);
+                (*(s as *mut SlotHdr))
+                    .word
+                    .store(pack(i as u32, EMPTY, 0), Ordering::Relaxed);
+            }
+            fence(Ordering::Release);
+            h.magic = QUEUE_MAGIC;
+        }
+        Ok(Queue {
+            block,
+            cap: capacity as u64,
+            stride,
+            inline: inline_size,
+            joinable,
+        })
+    }
+
+    /// Opens a queue from its handle (made by [`Queue::handle`] in any process).
+    pub fn from_handle(handle: &Handle) -> Result<Queue> {
+        Self::from_block(crate::open(handle)?)
+    }
+
+    /// A queue over a block that holds one (checks the layout).
+    pub fn from_block(block: Block) -> Result<Queue> {
+        let bad = |why: String| Error::InvalidArgument(format!("not a memshare queue: {why}"));
+        if block.len() < HEADER_SIZE {
+            return Err(bad(format!("the block has only {} bytes", block.len())));
+        }
+        // SAFETY: the block holds at least HEADER_SIZE bytes and is 64-byte
+        // aligned; the plain fields read here are written once before the
+        // magic at creation and never change.
+        let (magic, version, header_size, cap, stride, inline, flags) = unsafe {
+            let h = &*(block.as_ptr() as *const Header);
+            (
+                std::ptr::read_volatile(&h.magic),
+                h.version,
+                h.header_size,
+                h.capacity,
+                h.stride,
+                h.inline_size,
+                h.flags,
+            )
+        };
+        fence(Ordering::Acquire);
+        if magic != QUEUE_MAGIC {
+            return Err(bad("bad magic number".into()));
+        }
+        if version != QUEUE_VERSION || header_size as usize != HEADER_SIZE {
+            return Err(bad(format!(
+                "layout version {version} is not {QUEUE_VERSION} (made by another memshare version)"
+            )));
+        }
+        let inline = inline as usize;
+        let stride = stride as usize;
+        let ok = (1..=MAX_CAPACITY).contains(&cap)
+            && inline <= MAX_INLINE
+            && stride >= SLOT_HEADER + inline.max(HANDLE_LEN)
+            && stride % 64 == 0
+            && (cap as usize)
+                .checked_mul(stride)
+                .and_then(|n| n.checked_add(HEADER_SIZE))
+                .is_some_and(|n| n <= block.len());
+        if !ok {
+            return Err(bad("inconsistent header".into()));
+        }
+        Ok(Queue {
+            block,
+            cap,
+            stride,
+            inline,
+            joinable: flags & FLAG_JOINABLE != 0,
+        })
+    }
+
+    /// A handle another process can pass to [`Queue::from_handle`].
+    pub fn handle(&self) -> Result<Handle> {
+        self.block.handle()
+    }
+
+    /// The block holding the queue.
+    pub fn block(&self) -> &Block {
+        &self.block
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap as usize
+    }
+
+    /// Largest message stored inline in a slot.
+    pub fn inline_size(&self) -> usize {
+        self.inline
+    }
+
+    pub fn is_joinable(&self) -> bool {
+        self.joinable
+    }
+
+    fn hdr(&self) -> &Header {
+        // SAFETY: the block holds a validated header (checked in `from_block`
+        // or written in `with_options`) and lives as long as `self`; every
+        // field that changes after creation is atomic.
+        unsafe { &*(self.block.as_ptr() as *const Header) }
+    }
+
+    fn slot(&self, pos: u64) -> &SlotHdr {
+        let i = (pos % self.cap) as usize;
+        // SAFETY: slot `i < cap` lies inside the block (checked against the
+        // block length when the queue was opened); its header is atomics.
+        unsafe { &*(self.block.as_ptr().add(HEADER_SIZE + i * self.stride) as *const SlotHdr) }
+    }
+
+    fn data_ptr(&self, pos: u64) -> *mut u8 {
+        let i = (pos % self.cap) as usize;
+        // SAFETY: as in `slot`; the data area follows the slot header and is
+        // `stride - SLOT_HEADER >= max(inline, HANDLE_LEN)` bytes long.
+        unsafe {
+            self.block
+                .as_ptr()
+                .add(HEADER_SIZE + i * self.stride + SLOT_HEADER)
+        }
+    }
+
+    fn me(&self) -> u32 {
+        let (slot, epoch) = self.block.arena().my_owner();
+        owner_tag(slot, epoch)
+    }
+
+    /// Messages in the queue (including ones being written or read).
+    pub fn len(&self) -> usize {
+        let h = self.hdr();
+        let head = h.head.0.load(Ordering::Acquire);
+        let tail = h.tail.0.load(Ordering::Acquire);
+        tail.saturating_sub(head).min(self.cap) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.capacity()
+    }
+
+    /// Closes the queue for every process: `put` fails with
+    /// [`Error::Closed`]; `get` drains what is left, then fails with
+    /// [`Error::Closed`]; blocked callers wake up.
+    pub fn close(&self) {
+        let h = self.hdr();
+        h.closed.store(1, Ordering::SeqCst);
+        for w in [&h.futex.0.not_empty, &h.futex.0.not_full] {
+            w.fetch_add(1, Ordering::SeqCst);
+            sys::futex_wake(w, u32::MAX);
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.hdr().closed.load(Ordering::Acquire) != 0
+    }
+
+    // ----- waiting -------------------------------------------------------
+
+    fn wake(&self, side: Side) {
+        let f = &self.hdr().futex.0;
+        let (word, waiters) = match side {
+            Side::Put => (&f.not_full, &f.put_waiters),
+            Side::Get => (&f.not_empty, &f.get_waiters),
+        };
+        // Pairs with the fence in `wait`: either we see the waiter, or the
+        // waiter's re-check sees our change.
+        fence(Ordering::SeqCst);
+        if waiters.load(Ordering::Relaxed) > 0 {
+            word.fetch_add(1, Ordering::SeqCst);
+            sys::futex_wake(word, 1);
+        }
+    }
+
+    /// Runs `attempt` until it is done, sleeping on the side's futex while
+    /// it is blocked, repairing slots whose owner died.
+    fn wait<T>(
+        &self,
+        side: Side,
+        timeout: Option<Duration>,
+        mut attempt: impl FnMut() -> Attempt<T>,
+    ) -> Result<T> {
+        let deadline = deadline_of(timeout);
+        let f = &self.hdr().futex.0;
+        let (word, waiters) = match side {
+            Side::Put => (&f.not_full, &f.put_waiters),
+            Side::Get => (&f.not_empty, &f.get_waiters),
+        };
+        let timeout_err = || match side {
+            Side::Put => Error::Full,
+            Side::Get => Error::Empty,
+        };
+        // (pos, word) of a foreign claimed slot in the way, first seen when,
+        // owner last checked when.
+        let mut stuck: Option<(u64, u64, Instant, Instant)> = None;
+        loop {
+            let blocker = match attempt() {
+                Attempt::Done(r) => return r,
+                Attempt::Retry => continue,
+                Attempt::Blocked(b) => b,
+            };
+            if self.is_closed() {
+                return Err(Error::Closed);
+            }
+            if remaining(deadline) == Some(Duration::ZERO) {
+                return Err(timeout_err());
+            }
+            let mut slice = IDLE_SLICE;
+            if let Some((pos, w)) = blocker {
+                let now = Instant::now();
+                match stuck {
+                    Some((p, sw, since, checked)) if p == pos && sw == w => {
+                        if now.duration_since(since) >= STUCK_AFTER
+                            && now.duration_since(checked) >= STUCK_AFTER
+                        {
+                            stuck = Some((p, sw, since, now));
+                            if self.repair(pos, w) {
+                                continue;
+                            }
+                        }
+                    }
+                    _ => stuck = Some((pos, w, now, now)),
+                }
+                slice = STUCK_AFTER;
+            } else {
+                stuck = None;
+            }
+            let seen = word.load(Ordering::Acquire);
+            waiters.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            match attempt() {
+                Attempt::Done(r) => {
+                    waiters.fetch_sub(1, Ordering::SeqCst);
+                    return r;
+                }
+                Attempt::Retry => {
+                    waiters.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+                Attempt::Blocked(_) => {}
+            }
+            let wait = match remaining(deadline) {
+                Some(r) => r.min(slice),
+                None => slice,
+            };
+            if !self.is_closed() && !wait.is_zero() {
+                sys::futex_wait(word, seen, Some(wait));
+            }
+            waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// True if the process that holds owner tag `owner` is alive.
+    fn owner_alive(&self, owner: u32) -> bool {
+        let arena = self.block.arena();
+        let (slot, epoch) = (owner >> EPOCH_BITS, owner & EPOCH_MASK);
+        let (my_slot, my_epoch) = arena.my_owner();
+        if slot == my_slot && epoch == my_epoch & EPOCH_MASK {
+            return true;
+        }
+        if !arena.is_alive(slot) {
+            return false;
+        }
+        match arena.slot_epoch(slot) {
+            Ok(Some(e)) => e & EPOCH_MASK == epoch,
+            Ok(None) => false,
+            // Cannot tell: never take over a slot from a live process.
+            Err(_) => true,
+        }
+    }
+
+    /// Repairs the slot at `pos` if it still holds `word` and the owner is
+    /// dead. Returns true if something changed.
+    fn repair(&self, pos: u64, word: u64) -> bool {
+        let (seq, state, owner) = unpack(word);
+        if (state != WRITING && state != READING) || self.owner_alive(owner) {
+            return false;
+        }
+        let slot = self.slot(pos);
+        let mine = pack(seq, state, self.me());
+        if slot
+            .word
+            .compare_exchange(word, mine, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return true;
+        }
+        let kind = slot.kind.load(Ordering::Acquire);
+        if state == WRITING {
+            // Publish what the dead producer finished writing, or a tombstone.
+            if kind & KIND_MASK == KIND_NONE {
+                self.finish_task();
+            }
+            slot.word.store(pack(seq, FULL, 0), Ordering::Release);
+            self.wake(Side::Get);
+        } else {
+            // The consumer died inside `get`: its caller never saw the message.
+            self.discard(pos, kind);
+            if kind & KIND_MASK != KIND_NONE {
+                self.finish_task();
+            }
+            slot.kind.store(KIND_NONE, Ordering::Relaxed);
+            slot.word.store(
+                pack(seq.wrapping_add(self.cap as u32), EMPTY, 0),
+                Ordering::Release,
+            );
+            self.wake(Side::Put);
+        }
+        true
+    }
+
+    /// Releases the pins a message in slot `pos` holds (it will never be
+    /// delivered).
+    fn discard(&self, pos: u64, kind: u32) {
+        let arena = self.block.arena();
+        let data = self.data_ptr(pos);
+        let release_embedded = |bytes: &[u8]| {
+            for (_, h) in find_handles(bytes, arena) {
+                drop(arena.open(&h));
+            }
+        };
+        match kind & KIND_MASK {
+            KIND_INLINE if kind & KIND_HANDLES != 0 => {
+                let len = (self.slot(pos).len.load(Ordering::Relaxed) as usize).min(self.inline);
+                // SAFETY: the slot is ours (claimed by CAS); `len` is
+                // clamped to the data area.
+                let bytes = unsafe { std::slice::from_raw_parts(data, len) };
+                release_embedded(bytes);
+            }
+            KIND_BLOCK => {
+                // SAFETY: the slot is ours and its data area holds >= 64 bytes.
+                let hb = unsafe { std::slice::from_raw_parts(data, HANDLE_LEN) };
+                if let Ok(b) = Handle::from_bytes(hb).and_then(|h| arena.open(&h)) {
+                    if kind & KIND_HANDLES != 0 {
+                        // SAFETY: message blocks are never written after
+                        // publication.
+                        release_embedded(unsafe { b.as_slice() });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_task(&self) {
+        if self.joinable {
+            let _ = self.task_done();
+        }
+    }
+
+    // ----- put -----------------------------------------------------------
+
+    fn try_claim_put(&self, me: u32) -> Attempt<u64> {
+        let h = self.hdr();
+        loop {
+            let pos = h.tail.0.load(Ordering::Acquire);
+            let slot = self.slot(pos);
+            let w = slot.word.load(Ordering::Acquire);
+            match put_view(w, pos) {
+                PutView::Claim => {
+                    if slot
+                        .word
+                        .compare_exchange(
+                            w,
+                            pack(pos as u32, WRITING, me),
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                    {
+                        let _ = h.tail.0.compare_exchange(
+                            pos,
+                            pos + 1,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        );
+                        return Attempt::Done(Ok(pos));
+                    }
+                }
+                PutView::Advance => {
+                    let _ = h.tail.0.compare_exchange(
+                        pos,
+                        pos + 1,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
+                PutView::Full => {
+                    if h.tail.0.load(Ordering::Acquire) != pos {
+                        continue;
+                    }
+                    let (_, state, _) = unpack(w);
+                    let blocker = (state == WRITING || state == READING).then_some((pos, w));
+                    return Attempt::Blocked(blocker);
+                }
+                PutView::Stale => {}
+            }
+        }
+    }
+
+    /// Puts a message, waiting up to `timeout` (None: forever) for room.
+    /// Fails with [`Error::Full`] on timeout, [`Error::Closed`] if closed.
+    pub fn put(&self, msg: &[u8], timeout: Option<Duration>) -> Result<()> {
+        self.put_message(msg, timeout, false)
+    }
+
+    /// Puts a message. With `adopt_handles`, the memshare handles embedded in
+    /// `msg` (pinned by this process, e.g. pickled shared arrays) are pinned
+    /// by the queue instead while the message waits; consumers get them back
+    /// from [`Queue::get_message`].
+    pub fn put_message(
+        &self,
+        msg: &[u8],
+        timeout: Option<Duration>,
+        adopt_handles: bool,
+    ) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let arena = self.block.arena();
+        // Everything that can take long or fail happens before claiming a
+        // slot, holding references of this process (released if it dies).
+        let mut embedded: Vec<(usize, Handle, Block)> = Vec::new();
+        if adopt_handles {
+            for (off, h) in find_handles(msg, arena) {
+                if let Ok(b) = arena.open(&h) {
+                    embedded.push((off, h, b));
+                }
+            }
+        }
+        let big = if msg.len() > self.inline {
+            let b = arena.alloc(msg.len(), false)?;
+            // SAFETY: the fresh block is `msg.len()` bytes and only ours.
+            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), b.as_ptr(), msg.len()) };
+            Some(b)
+        } else {
+            None
+        };
+        let me = self.me();
+        let pos = self.wait(Side::Put, timeout, || self.try_claim_put(me))?;
+        if self.joinable {
+            self.hdr().unfinished.0.fetch_add(1, Ordering::SeqCst);
+        }
+        let slot = self.slot(pos);
+        let data = self.data_ptr(pos);
+        let mut made: Vec<Handle> = Vec::new();
+        let filled = (|| -> Result<u32> {
+            let target = match &big {
+                Some(b) => b.as_ptr(),
+                None => {
+                    // SAFETY: the slot is claimed by us; the data area holds
+                    // `inline >= msg.len()` bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), data, msg.len()) };
+                    data
+                }
+            };
+            for (off, h, b) in &embedded {
+                let nh = repin(h, b, &self.block)?;
+                // SAFETY: `off + 64 <= msg.len()` (found by `find_handles`)
+                // inside memory we own exclusively (claimed slot or our block).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        nh.to_bytes().as_ptr(),
+                        target.add(*off),
+                        HANDLE_LEN,
+                    )
+                };
+                made.push(nh);
+            }
+            let mut kind = if let Some(b) = &big {
+                let h = b.handle_owned_by(&self.block)?;
+                // SAFETY: the claimed slot's data area holds >= 64 bytes.
+                unsafe { std::ptr::copy_nonoverlapping(h.to_bytes().as_ptr(), data, HANDLE_LEN) };
+                KIND_BLOCK
+            } else {
+                slot.len.store(msg.len() as u32, Ordering::Relaxed);
+                KIND_INLINE
+            };
+            if !embedded.is_empty() {
+                kind |= KIND_HANDLES;
+            }
+            Ok(kind)
+        })();
+        let result = match filled {
+            Ok(kind) => {
+                slot.kind.store(kind, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                // Release the pins made so far; publish a tombstone.
+                for h in &made {
+                    drop(arena.open(h));
+                }
+                self.finish_task();
+                Err(e)
+            }
+        };
+        slot.word
+            .store(pack(pos as u32, FULL, 0), Ordering::Release);
+        self.wake(Side::Get);
+        result
+    }
+
+    /// Puts a shared array (by handle: no copy). A Python consumer receives
+    /// it as a numpy array (`memshare.Queue.get`), a Rust one with
+    /// [`Queue::get_array`].
+    pub fn put_array(&self, a: &SharedArray, timeout: Option<Duration>) -> Result<()> {
+        self.put_message(&a.to_bytes()?, timeout, true)
+    }
+
+    // ----- get -----------------------------------------------------------
+
+    fn try_claim_get(&self, me: u32) -> Attempt<u64> {
+        let h = self.hdr();
+        loop {
+            let pos = h.head.0.load(Ordering::Acquire);
+            let slot = self.slot(pos);
+            let w = slot.word.load(Ordering::Acquire);
+            match get_view(w, pos) {
+                GetView::Claim => {
+                    if slot
+                        .word
+                        .compare_exchange(
+                            w,
+                            pack(pos as u32, READING, me),
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                    {
+                        let _ = h.head.0.compare_exchange(
+                            pos,
+                            pos + 1,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        );
+                        return Attempt::Done(Ok(pos));
+                    }
+                }
+                GetView::Advance => {
+                    let _ = h.head.0.compare_exchange(
+                        pos,
+                        pos + 1,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
+                GetView::Empty => {
+                    if h.head.0.load(Ordering::Acquire) != pos {
+                        continue;
+                    }
+                    let (_, state, _) = unpack(w);
+                    let blocker = (state == WRITING || state == READING).then_some((pos, w));
+                    return Attempt::Blocked(blocker);
+                }
+                GetView::Stale => {}
+            }
+        }
+    }
+
+    /// Takes the message in the claimed slot `pos` and releases the slot.
+    /// `None` for a tombstone.
+    fn take(&self, pos: u64) -> Option<Result<Message>> {
+        let arena = self.block.arena();
+        let slot = self.slot(pos);
+        let data = self.data_ptr(pos);
+        let kind = slot.kind.load(Ordering::Acquire);
+        let taken = match kind & KIND_MASK {
+            KIND_INLINE => {
+                let len = (slot.len.load(Ordering::Relaxed) as usize).min(self.inline);
+                // SAFETY: the slot is claimed by us and was published with
+                // `len` bytes of data (clamped to the data area).
+                let v = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
+                Some(Ok(Payload::Inline(v)))
+            }
+            KIND_BLOCK => {
+                // SAFETY: the claimed slot's data area holds >= 64 bytes.
+                let hb = unsafe { std::slice::from_raw_parts(data, HANDLE_LEN) };
+                Some(
+                    Handle::from_bytes(hb)
+                        .and_then(|h| arena.open(&h))
+                        .map(Payload::Block),
+                )
+            }
+            _ => None,
+        };
+        // Open the embedded handles before releasing the slot: from then on
+        // this process's references keep (and, if it dies, free) the data.
+        let taken = taken.map(|r| {
+            r.map(|data| {
+                let mut msg = Message {
+                    data,
+                    keep: Vec::new(),
+                };
+                if kind & KIND_HANDLES != 0 {
+                    let found = find_handles(msg.as_bytes(), arena);
+                    msg.keep = found
+                        .into_iter()
+                        .filter_map(|(_, h)| arena.open(&h).ok())
+                        .collect();
+                }
+                msg
+            })
+        });
+        slot.kind.store(KIND_NONE, Ordering::Relaxed);
+        slot.word.store(
+            pack((pos as u32).wrapping_add(self.cap as u32), EMPTY, 0),
+            Ordering::Release,
+        );
+        self.wake(Side::Put);
+        taken
+    }
+
+    /// Takes a message, waiting up to `timeout` (None: forever). Fails with
+    /// [`Error::Empty`] on timeout, [`Error::Closed`] once closed and drained.
+    pub fn get(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        Ok(self.get_message(timeout)?.into_vec())
+    }
+
+    /// Takes a message with the blocks its embedded handles reference.
+    pub fn get_message(&self, timeout: Option<Duration>) -> Result<Message> {
+        let me = self.me();
+        self.wait(Side::Get, timeout, || match self.try_claim_get(me) {
+            Attempt::Done(Ok(pos)) => match self.take(pos) {
+                Some(r) => Attempt::Done(r),
+                None => Attempt::Retry,
+            },
+            Attempt::Done(Err(e)) => Attempt::Done(Err(e)),
+            Attempt::Blocked(b) => Attempt::Blocked(b),
+            Attempt::Retry => Attempt::Retry,
+        })
+    }
+
+    /// Takes a message that holds an array (see [`Queue::put_array`]).
+    pub fn get_array(&self, timeout: Option<Duration>) -> Result<SharedArray> {
+        let msg = self.get_message(timeout)?;
+        let bytes = msg.as_bytes();
+        if bytes.get(..4) != Some(b"MSA1") {
+            return Err(Error::InvalidArgument(
+                "the message is not an array (was it put by put_array?)".into(),
+            ));
+        }
+        // The embedded handle's block is kept alive by `msg` while it is
+        // opened again here.
+        let arena = self.block.arena();
+        match ArrayMeta::decode(bytes) {
+            Ok((h, _)) if h.token == arena.token() => SharedArray::from_bytes_in(arena, bytes),
+            _ => SharedArray::from_bytes(bytes),
+        }
+    }
+
+    // ----- joinable ------------------------------------------------------
+
+    /// Marks one message as processed (joinable queues).
+    pub fn task_done(&self) -> Result<()> {
+        if !self.joinable {
+            return Err(Error::InvalidArgument(
+                "task_done() needs a joinable queue".into(),
+            ));
+        }
+        let h = self.hdr();
+        let prev = h
+            .unfinished
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            .map_err(|_| Error::InvalidArgument("task_done() called too many times".into()))?;
+        if prev == 1 {
+            let f = &h.futex.0;
+            f.all_done.fetch_add(1, Ordering::SeqCst);
+            if f.join_waiters.load(Ordering::SeqCst) > 0 {
+                sys::futex_wake(&f.all_done, u32::MAX);
+            }
+        }
+        Ok(())
+    }
+
+    /// Messages put but not yet marked done (joinable queues).
+    pub fn unfinished(&self) -> u64 {
+        self.hdr().unfinished.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every message put has been marked done. Returns false on
+    /// timeout.
+    pub fn join(&self, timeout: Option<Duration>) -> Result<bool> {
+        if !self.joinable {
+            return Err(Error::InvalidArgument(
+                "join() needs a joinable queue".into(),
+            ));
+        }
+        let deadline = deadline_of(timeout);
+        let h = self.hdr();
+        let f = &h.futex.0;
+        loop {
+            let seen = f.all_done.load(Ordering::SeqCst);
+            if h.unfinished.0.load(Ordering::SeqCst) == 0 {
+                return Ok(true);
+            }
+            let wait = match remaining(deadline) {
+                Some(r) if r.is_zero() => return Ok(false),
+                Some(r) => r.min(IDLE_SLICE),
+                None => IDLE_SLICE,
+            };
+            f.join_waiters.fetch_add(1, Ordering::SeqCst);
+            if h.unfinished.0.load(Ordering::SeqCst) != 0 {
+                sys::futex_wait(&f.all_done, seen, Some(wait));
+            }
+            f.join_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A new handle for `b` (opened from `h`) whose pin the queue block owns,
+/// keeping `h`'s length and read-only flag.
+fn repin(h: &Handle, b: &Block, owner: &Block) -> Result<Handle> {
+    let nh = b.handle_owned_by(owner)?;
+    Ok(Handle::new(
+        h.token,
+        h.segment,
+        h.offset,
+        h.generation,
+        h.len,
+        nh.pin,
+        nh.pin_slot,
+        nh.pin_epoch,
+        h.readonly,
+        &b.arena().mac_key(),
+    ))
+}
+
+/// The handles of `arena` embedded in `bytes` (verified: forged or damaged
+/// bytes are not handles), with their offsets.
+fn find_handles(bytes: &[u8], arena: &Arena) -> Vec<(usize, Handle)> {
+    let token = arena.token();
+    let key = arena.mac_key();
+    let mut out = Vec::new();
+    if bytes.len() < HANDLE_LEN {
+        return out;
+    }
+    let mut i = 0;
+    while i + HANDLE_LEN <= bytes.len() {
+        if bytes[i] == HANDLE_VERSION && bytes[i + 8..i + 24] == token {
+            if let Ok(h) = Handle::from_bytes(&bytes[i..i + HANDLE_LEN]) {
+                if h.verify(&key).is_ok() {
+                    out.push((i, h));
+                    i += HANDLE_LEN;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_roundtrip() {
+        let w = pack(u32::MAX, READING, owner_tag(255, EPOCH_MASK));
+        assert_eq!(unpack(w), (u32::MAX, READING, owner_tag(255, EPOCH_MASK)));
+        assert_eq!(dist(0, u32::MAX as u64), 1);
+        assert_eq!(dist(u32::MAX, (1u64 << 32) + 1), -2);
+    }
+
+    #[test]
+    fn views_follow_the_protocol() {
+        let cap = 4;
+        // A fresh slot for position 5 (slot 1) holds EMPTY(1) until lap 1.
+        assert_eq!(put_view(pack(1, EMPTY, 0), 5), PutView::Full);
+        assert_eq!(put_view(pack(5, EMPTY, 0), 5), PutView::Claim);
+        assert_eq!(put_view(pack(5, WRITING, 3), 5), PutView::Advance);
+        assert_eq!(put_view(pack(5 + cap, EMPTY, 0), 5), PutView::Stale);
+        assert_eq!(get_view(pack(5, WRITING, 3), 5), GetView::Empty);
+        assert_eq!(get_view(pack(5, FULL, 0), 5), GetView::Claim);
+        assert_eq!(get_view(pack(5, READING, 2), 5), GetView::Advance);
+        assert_eq!(get_view(pack(5 + cap, EMPTY, 0), 5), GetView::Stale);
+        assert_eq!(get_view(pack(1, READING, 2), 5), GetView::Empty);
+    }
+}
