@@ -3,6 +3,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod numpy_hook;
+mod queue;
 
 use std::ffi::c_int;
 use std::path::PathBuf;
@@ -426,5 +427,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(after_fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(shutdown, m)?)?;
     numpy_hook::register(m)?;
+    queue::register(m)?;
     Ok(())
 }

@@ -769,6 +769,29 @@ impl<'a> Txn<'a> {
             }
         }
         self.ctl.pins_in_use = pins_in_use;
+        // Pass 2b: a block about to be freed (its last holder died) releases
+        // the pins it owns, as `free_block` does, transitively (a dropped
+        // queue frees the messages still inside it).
+        loop {
+            let mut changed = false;
+            for i in 0..MAX_PINS {
+                let p = &self.ctl.pins[i];
+                if p.block == NIL || p.owner == NIL {
+                    continue;
+                }
+                let (target, owner) = (p.block, p.owner);
+                if self.unreferenced(owner)? {
+                    self.ctl.pins[i].block = NIL;
+                    self.ctl.pins_in_use -= 1;
+                    let th = self.hdr(target)?;
+                    th.pins = th.pins.saturating_sub(1);
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
         // Pass 3: free unreferenced blocks, merge neighbours, rebuild bins and stats.
         self.ctl.bins = [NIL; NBINS];
         let (mut in_use, mut live) = (0, 0);

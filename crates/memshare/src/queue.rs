@@ -249,6 +249,13 @@ impl Message {
     }
 }
 
+/// A message ready to be put (see [`Queue::prepare`]).
+pub struct Prepared {
+    embedded: Vec<(usize, Handle, Block)>,
+    big: Option<Block>,
+    len: usize,
+}
+
 /// Which side of the queue a waiter is on.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -756,12 +763,17 @@ impl Queue {
         timeout: Option<Duration>,
         adopt_handles: bool,
     ) -> Result<()> {
-        if self.is_closed() {
-            return Err(Error::Closed);
-        }
+        let prepared = self.prepare(msg, adopt_handles)?;
+        self.put_prepared(msg, &prepared, timeout)
+    }
+
+    /// The part of a put that may take long or fail, done before a slot is
+    /// claimed, holding references of this process (released if it dies):
+    /// opens the embedded handles and copies a large message into a block.
+    /// A [`Prepared`] can be put several times until it succeeds (e.g. a
+    /// non-blocking attempt first), but is consumed by one successful put.
+    pub fn prepare(&self, msg: &[u8], adopt_handles: bool) -> Result<Prepared> {
         let arena = self.block.arena();
-        // Everything that can take long or fail happens before claiming a
-        // slot, holding references of this process (released if it dies).
         let mut embedded: Vec<(usize, Handle, Block)> = Vec::new();
         if adopt_handles {
             for (off, h) in find_handles(msg, arena) {
@@ -778,6 +790,30 @@ impl Queue {
         } else {
             None
         };
+        Ok(Prepared {
+            embedded,
+            big,
+            len: msg.len(),
+        })
+    }
+
+    /// Puts `msg` prepared by [`Queue::prepare`].
+    pub fn put_prepared(
+        &self,
+        msg: &[u8],
+        prepared: &Prepared,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        if prepared.len != msg.len() {
+            return Err(Error::InvalidArgument(
+                "the message differs from the one prepared".into(),
+            ));
+        }
+        let arena = self.block.arena();
+        let (embedded, big) = (&prepared.embedded, &prepared.big);
         let me = self.me();
         let pos = self.wait(Side::Put, timeout, || self.try_claim_put(me))?;
         if self.joinable {
@@ -787,7 +823,7 @@ impl Queue {
         let data = self.data_ptr(pos);
         let mut made: Vec<Handle> = Vec::new();
         let filled = (|| -> Result<u32> {
-            let target = match &big {
+            let target = match big {
                 Some(b) => b.as_ptr(),
                 None => {
                     // SAFETY: the slot is claimed by us; the data area holds
@@ -796,7 +832,7 @@ impl Queue {
                     data
                 }
             };
-            for (off, h, b) in &embedded {
+            for (off, h, b) in embedded {
                 let nh = repin(h, b, &self.block)?;
                 // SAFETY: `off + 64 <= msg.len()` (found by `find_handles`)
                 // inside memory we own exclusively (claimed slot or our block).
@@ -809,7 +845,7 @@ impl Queue {
                 };
                 made.push(nh);
             }
-            let mut kind = if let Some(b) = &big {
+            let mut kind = if let Some(b) = big {
                 let h = b.handle_owned_by(&self.block)?;
                 // SAFETY: the claimed slot's data area holds >= 64 bytes.
                 unsafe { std::ptr::copy_nonoverlapping(h.to_bytes().as_ptr(), data, HANDLE_LEN) };

@@ -1,0 +1,173 @@
+//! `memshare._native.Queue`: the shared-memory queue of the core crate, with
+//! byte messages. `memshare._queue` pickles objects into those messages.
+
+use std::time::Duration;
+
+use memshare::queue::Queue;
+use memshare::{Block, Error, Handle};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::to_pyerr;
+
+/// Converts a Python timeout in seconds: None waits forever, <= 0 does not wait.
+fn timeout_of(t: Option<f64>) -> PyResult<Option<Duration>> {
+    match t {
+        None => Ok(None),
+        Some(s) if s.is_nan() => Err(PyValueError::new_err("timeout must be a number, not NaN")),
+        Some(s) if s <= 0.0 => Ok(Some(Duration::ZERO)),
+        Some(s) if s >= 1e12 => Ok(None),
+        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
+    }
+}
+
+/// A bounded multi-producer multi-consumer queue of byte messages in shared
+/// memory. Handles of shared arrays embedded in a message are owned by the
+/// queue while it waits, and by the consumer once `get` returns.
+#[pyclass(frozen, module = "memshare._native", name = "Queue")]
+pub struct PyQueue {
+    q: Queue,
+}
+
+/// The blocks a message's embedded handles reference, opened by `get` before
+/// the message left the queue. Keep it until the message is unpickled.
+#[pyclass(frozen, module = "memshare._native", name = "MessageRefs")]
+pub struct MessageRefs {
+    _blocks: Vec<Block>,
+}
+
+#[pymethods]
+impl PyQueue {
+    /// A new queue of `capacity` messages in this process's arena; messages
+    /// up to `inline_size` bytes are stored in the slots.
+    #[new]
+    #[pyo3(signature = (capacity, inline_size=240, joinable=false))]
+    fn new(py: Python<'_>, capacity: usize, inline_size: usize, joinable: bool) -> PyResult<Self> {
+        let arena = memshare::home().map_err(to_pyerr)?;
+        let q = py
+            .detach(|| Queue::with_options(&arena, capacity, inline_size, joinable))
+            .map_err(to_pyerr)?;
+        Ok(PyQueue { q })
+    }
+
+    /// Opens a queue from the handle made by `handle()` in any process.
+    #[staticmethod]
+    fn from_handle(py: Python<'_>, handle: &[u8]) -> PyResult<Self> {
+        let h = Handle::from_bytes(handle).map_err(to_pyerr)?;
+        let q = py.detach(|| Queue::from_handle(&h)).map_err(to_pyerr)?;
+        Ok(PyQueue { q })
+    }
+
+    /// A 64-byte handle of the queue (pinned until opened).
+    fn handle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let h = self.q.handle().map_err(to_pyerr)?;
+        Ok(PyBytes::new(py, &h.to_bytes()))
+    }
+
+    /// Puts a message, waiting up to `timeout` seconds (None: forever) for
+    /// room; raises `queue.Full` on timeout, ValueError if the queue was shut down.
+    #[pyo3(signature = (data, timeout=None))]
+    fn put(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
+        let t = timeout_of(timeout)?;
+        // Small messages are tried once without releasing the GIL (no wait,
+        // no bulk copy); anything that may block or copy much releases it.
+        if data.len() > self.q.inline_size() {
+            return py
+                .detach(|| self.q.put_message(data, t, true))
+                .map_err(to_pyerr);
+        }
+        let prepared = self.q.prepare(data, true).map_err(to_pyerr)?;
+        match self.q.put_prepared(data, &prepared, Some(Duration::ZERO)) {
+            Err(Error::Full) if t != Some(Duration::ZERO) => {}
+            r => return r.map_err(to_pyerr),
+        }
+        py.detach(|| self.q.put_prepared(data, &prepared, t))
+            .map_err(to_pyerr)
+    }
+
+    /// Takes a message: `(bytes, refs)` where `refs` (or None) keeps the
+    /// data its handles name alive until the caller has unpickled it.
+    /// Raises `queue.Empty` on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Option<MessageRefs>)> {
+        let t = timeout_of(timeout)?;
+        let msg = match self.q.get_message(Some(Duration::ZERO)) {
+            Err(Error::Empty) if t != Some(Duration::ZERO) => {
+                py.detach(|| self.q.get_message(t)).map_err(to_pyerr)?
+            }
+            r => r.map_err(to_pyerr)?,
+        };
+        let bytes = PyBytes::new(py, msg.as_bytes());
+        let blocks = msg.into_keep();
+        let refs = (!blocks.is_empty()).then_some(MessageRefs { _blocks: blocks });
+        Ok((bytes, refs))
+    }
+
+    /// Messages in the queue (approximate while others put and get).
+    fn qsize(&self) -> usize {
+        self.q.len()
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.q.capacity()
+    }
+
+    #[getter]
+    fn inline_size(&self) -> usize {
+        self.q.inline_size()
+    }
+
+    #[getter]
+    fn joinable(&self) -> bool {
+        self.q.is_joinable()
+    }
+
+    /// Shuts the queue down for every process: puts fail, gets drain what is
+    /// left and then fail, blocked callers wake up.
+    fn shutdown(&self) {
+        self.q.close();
+    }
+
+    #[getter]
+    fn is_shutdown(&self) -> bool {
+        self.q.is_closed()
+    }
+
+    /// Marks one message as processed (joinable queues).
+    fn task_done(&self) -> PyResult<()> {
+        self.q.task_done().map_err(to_pyerr)
+    }
+
+    /// Messages put but not yet marked done.
+    fn unfinished(&self) -> u64 {
+        self.q.unfinished()
+    }
+
+    /// Waits until every message put has been marked done; False on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let t = timeout_of(timeout)?;
+        py.detach(|| self.q.join(t)).map_err(to_pyerr)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<memshare._native.Queue capacity={} len={}>",
+            self.q.capacity(),
+            self.q.len()
+        )
+    }
+}
+
+/// Adds the queue classes to `memshare._native`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyQueue>()?;
+    m.add_class::<MessageRefs>()?;
+    Ok(())
+}

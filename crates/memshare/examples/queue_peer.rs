@@ -1,0 +1,75 @@
+//! A Rust process on one end of a memshare queue made by Python (or Rust).
+//!
+//! ```text
+//! queue_peer produce <queue handle hex> <n>   puts n float64 arrays of shape (i + 1, 4),
+//!                                             element [r, c] = i * 1000 + r * 4 + c
+//! queue_peer consume <queue handle hex> <n>   gets n float64 arrays, prints "<shape> <sum>" each
+//! ```
+//! The handle comes from `memshare.Queue`'s `_q.handle().hex()` (Python) or
+//! `Queue::handle()` (Rust). Run it with the producer's `MEMSHARE_DIR`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use memshare::{Handle, Queue, SharedArray};
+use ndarray::{ArrayD, IxDyn};
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn run(mode: &str, handle: &str, n: usize) -> memshare::Result<()> {
+    let bytes = unhex(handle)
+        .ok_or_else(|| memshare::Error::InvalidArgument("the handle must be hex".into()))?;
+    let q = Queue::from_handle(&Handle::from_bytes(&bytes)?)?;
+    let timeout = Some(Duration::from_secs(60));
+    match mode {
+        "produce" => {
+            let arena = q.block().arena().clone();
+            for i in 0..n {
+                let a = ArrayD::from_shape_fn(IxDyn(&[i + 1, 4]), |ix| {
+                    (i * 1000 + ix[0] * 4 + ix[1]) as f64
+                });
+                q.put_array(&SharedArray::from_view(&arena, a.view())?, timeout)?;
+            }
+        }
+        "consume" => {
+            for _ in 0..n {
+                let a = q.get_array(timeout)?;
+                let sum: f64 = a.view::<f64>()?.sum();
+                println!("{:?} {sum}", a.shape());
+            }
+        }
+        _ => {
+            return Err(memshare::Error::InvalidArgument(format!(
+                "unknown mode {mode}: use produce or consume"
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 4 {
+        eprintln!("usage: queue_peer produce|consume <queue handle hex> <n>");
+        return ExitCode::from(2);
+    }
+    let Ok(n) = args[3].parse::<usize>() else {
+        eprintln!("n must be a number");
+        return ExitCode::from(2);
+    };
+    match run(&args[1], &args[2], n) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

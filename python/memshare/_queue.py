@@ -1,0 +1,192 @@
+"""``memshare.Queue``: a drop-in for ``multiprocessing.Queue`` in shared memory.
+
+The queue is a ring of message slots in one block of memshare's arena,
+implemented in Rust (``memshare._native.Queue``): lock-free on the hot path,
+blocking through a futex in shared memory (an idle waiter uses no CPU), the
+GIL released while waiting. Objects are pickled with memshare's pickler, so
+shared arrays, DataFrames and large buffers travel as small handles; the
+queue owns what a message references while it waits, and the consumer owns
+it once ``get`` returns: memory is freed when the consumer drops the object.
+See ``docs/queue.md`` for the delivery guarantee when processes are killed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _array, _native
+from ._array import dumps, loads
+
+#: Array messages (``memshare::array`` wire format) start with this; they are
+#: what Rust's ``Queue::put_array`` sends and ``get_array`` expects.
+_ARRAY_MAGIC = b"MSA1"
+
+__all__ = ["JoinableQueue", "Queue"]
+
+#: Capacity of a queue made with ``maxsize <= 0`` ("unbounded" in
+#: multiprocessing): a ring is fixed-size, ``put`` blocks once it holds this many.
+UNBOUNDED_CAPACITY = 8192
+#: Largest ``maxsize``: every slot takes ``INLINE_SIZE + 16`` bytes of shared memory.
+MAX_CAPACITY = 1 << 20
+#: Messages (pickles) up to this size are stored in the slot itself; larger
+#: ones get a block of their own. A pickled shared array takes about 200 bytes.
+INLINE_SIZE = 240
+
+
+def _timeout(block: bool, timeout: float | None) -> float | None:
+    if not block:
+        return 0.0
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return float(timeout)
+
+
+def _encode(obj: Any) -> bytes:
+    """A message for ``obj``: a bare array message for numpy arrays in (or
+    large enough to be copied to) shared memory, so a Rust consumer can take
+    them with ``Queue::get_array``; memshare's pickle for everything else."""
+    if type(obj) in (np.ndarray, _array.SharedArray) and not obj.dtype.hasobject:
+        message = _array._array_message(obj)
+        if message is None and obj.nbytes >= _array.OUT_OF_BAND_THRESHOLD:
+            message = _array._array_message(_array.share_array(obj))
+        if message is not None:
+            return message
+    return dumps(obj)
+
+
+def _rebuild(cls: type, handle: bytes, maxsize: int) -> Queue:
+    q = cls.__new__(cls)
+    q._init(_native.Queue.from_handle(handle), maxsize)
+    return q
+
+
+class Queue:
+    """A process-shared FIFO queue with the ``multiprocessing.Queue`` API.
+
+    Args:
+        maxsize: Most messages the queue holds; ``put`` blocks (or raises
+            ``queue.Full``) beyond it. ``maxsize <= 0`` gives a queue of
+            ``UNBOUNDED_CAPACITY`` messages (a shared ring cannot grow).
+
+    Pass it to ``multiprocessing.Process`` (any start method), through a
+    ``Pool`` initializer, or even through another queue: it pickles to a
+    64-byte handle of the same shared queue. Unlike ``multiprocessing.Queue``
+    there is no feeder thread: when ``put`` returns, the message is in shared
+    memory and survives the producer's death.
+    """
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None) -> None:
+        # ``ctx`` is accepted for signature compatibility and unused: the
+        # queue works the same under every start method.
+        if maxsize > MAX_CAPACITY:
+            raise ValueError(f"maxsize must be at most {MAX_CAPACITY}, not {maxsize}")
+        capacity = maxsize if maxsize > 0 else UNBOUNDED_CAPACITY
+        self._init(_native.Queue(capacity, INLINE_SIZE, self._joinable), maxsize)
+
+    _joinable = False
+
+    def _init(self, native: _native.Queue, maxsize: int) -> None:
+        self._q = native
+        self._maxsize = maxsize
+        self._closed = False
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self._q.handle(), self._maxsize))
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<memshare.{type(self).__name__} maxsize={self._maxsize} qsize={self._q.qsize()}{state}>"
+
+    def _check_closed(self) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Puts ``obj`` on the queue.
+
+        Waits up to ``timeout`` seconds (forever if None) for room, or not at
+        all if ``block`` is false, then raises ``queue.Full``. Shared arrays
+        and frames in ``obj`` travel by handle; large buffers not yet shared
+        are copied into shared memory once.
+        """
+        self._check_closed()
+        self._q.put(_encode(obj), _timeout(block, timeout))
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Removes and returns an object from the queue.
+
+        Waits up to ``timeout`` seconds (forever if None), or not at all if
+        ``block`` is false, then raises ``queue.Empty``. The GIL is released
+        while waiting.
+        """
+        self._check_closed()
+        data, refs = self._q.get(_timeout(block, timeout))
+        obj = _array._rebuild(data) if data[:4] == _ARRAY_MAGIC else loads(data)
+        del refs  # the object now holds its own references
+        return obj
+
+    def put_nowait(self, obj: Any) -> None:
+        """Equivalent to ``put(obj, False)``."""
+        self.put(obj, False)
+
+    def get_nowait(self) -> Any:
+        """Equivalent to ``get(False)``."""
+        return self.get(False)
+
+    def qsize(self) -> int:
+        """Approximate number of messages in the queue."""
+        return self._q.qsize()
+
+    def empty(self) -> bool:
+        """True if the queue is empty (approximate while others use it)."""
+        return self._q.qsize() == 0
+
+    def full(self) -> bool:
+        """True if the queue is full (approximate while others use it)."""
+        return self._q.qsize() >= self._q.capacity
+
+    def close(self) -> None:
+        """This process will put and get no more (as in multiprocessing:
+        other processes are not affected). Messages already put stay in the
+        queue; the queue's memory is freed when no process holds it any more."""
+        self._closed = True
+
+    def join_thread(self) -> None:
+        """No-op: memshare queues have no feeder thread, ``put`` has finished
+        writing when it returns."""
+
+    def cancel_join_thread(self) -> None:
+        """No-op (there is no feeder thread to wait for)."""
+
+    def shutdown(self) -> None:
+        """Shuts the queue down in every process: puts raise ValueError, gets
+        return what is left then raise ValueError, blocked callers wake up."""
+        self._q.shutdown()
+
+    def fileno(self) -> int:
+        """Not supported: the queue wakes waiters through a futex in shared
+        memory, which has no file descriptor (see docs/queue.md for waiting
+        on a queue from asyncio)."""
+        raise OSError("memshare.Queue has no file descriptor; see docs/queue.md")
+
+
+class JoinableQueue(Queue):
+    """A :class:`Queue` with ``task_done`` and ``join``, like
+    ``multiprocessing.JoinableQueue``; the count of unfinished tasks lives in
+    shared memory."""
+
+    _joinable = True
+
+    def task_done(self) -> None:
+        """Marks a task taken with ``get`` as done; ValueError if called
+        more often than messages were put."""
+        self._q.task_done()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Blocks until every message put has been marked done (GIL released).
+        Returns False if ``timeout`` seconds passed first."""
+        return self._q.join(timeout)
