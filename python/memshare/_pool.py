@@ -223,10 +223,26 @@ class _CallPickler(ForkingPickler):
 _worker_threshold: int | None = None
 
 
-def _worker_init(threshold: int | None, initializer: Callable | None, initargs: tuple) -> None:
-    """Runs first in every worker: the allocator hook, SIGINT, the user's initializer."""
+def _home_token() -> str | None:
+    """The parent's arena, created now so that workers allocate in it too."""
+    try:
+        return _native.arena_token()
+    except Exception:
+        return None
+
+
+def _worker_init(
+    threshold: int | None, arena: str | None, initializer: Callable | None, initargs: tuple
+) -> None:
+    """Runs first in every worker: the arena, the allocator hook, SIGINT, the
+    user's initializer."""
     global _worker_threshold
     _worker_threshold = threshold
+    # One arena for the whole pool: a block the parent frees is recycled by
+    # the next result of any worker (fork children inherit it anyway; spawn
+    # and forkserver children join it here, before their first allocation).
+    if arena and not os.environ.get("MEMSHARE_ARENA"):
+        os.environ["MEMSHARE_ARENA"] = arena
     # The parent handles Ctrl-C (and terminates the pool); workers would only
     # print a KeyboardInterrupt traceback each.
     if threading.current_thread() is threading.main_thread():
@@ -641,7 +657,7 @@ class Pool(multiprocessing.pool.Pool):
         super().__init__(
             processes,
             _worker_init,
-            (self._share_threshold, initializer, tuple(initargs)),
+            (self._share_threshold, _home_token(), initializer, tuple(initargs)),
             maxtasksperchild,
             context,
         )
@@ -853,7 +869,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
             max_workers,
             mp_context,
             _worker_init,
-            (self._share_threshold, initializer, tuple(initargs)),
+            (self._share_threshold, _home_token(), initializer, tuple(initargs)),
             **kw,
         )
 
