@@ -22,18 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benches"))
 
-from _util import measure, spread, table  # noqa: E402
+from _util import measure, spread, table
 
-import memshare as ms  # noqa: E402
+import memshare as ms
 
 if not hasattr(ms, "Pool"):  # until memshare/__init__.py exports it
     from memshare import _pool
 
     ms.Pool = _pool.Pool
 
-import class_attribute  # noqa: E402
-import convolution  # noqa: E402
-import outer_product  # noqa: E402
+import class_attribute
+import convolution
+import outer_product
 
 WORKERS = 2
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
@@ -68,9 +68,7 @@ def recipe_outer_product(tasks: int) -> float:
     total = 0.0
     try:
         with mp.Pool(WORKERS) as pool:
-            for name, shape in pool.imap(
-                _recipe_work, ((shm.name, values.shape, r) for r in rows)
-            ):
+            for name, shape in pool.imap(_recipe_work, ((shm.name, values.shape, r) for r in rows)):
                 res = shared_memory.SharedMemory(name=name)
                 arr = np.ndarray(shape, np.float64, buffer=res.buf)
                 total += arr.sum()
@@ -96,14 +94,10 @@ def bench_outer_product(tasks: int = 60) -> str:
         "memshare.Pool": measure(lambda: outer_product.run("memshare", tasks), REPEAT, 1),
         "shared_memory recipe": measure(lambda: recipe_outer_product(tasks), REPEAT, 0),
         # ~1 task/s: one run only
-        "multiprocessing.Pool": measure(
-            lambda: outer_product.run("multiprocessing", tasks), 1, 0
-        ),
+        "multiprocessing.Pool": measure(lambda: outer_product.run("multiprocessing", tasks), 1, 0),
     }
     ms_t = m["memshare.Pool"][0]
-    rows = [
-        [name, f"{tasks / v[0]:.2f}", spread(v), ratio(ms_t, v[0])] for name, v in m.items()
-    ]
+    rows = [[name, f"{tasks / v[0]:.2f}", spread(v), ratio(ms_t, v[0])] for name, v in m.items()]
     return table(
         f"Workload (a): row outer product, {tasks} tasks (40 MB frame in, 200 MB out), "
         f"{WORKERS} workers",
@@ -121,9 +115,7 @@ def bench_convolution(tasks: int = 8) -> str:
         ),
     }
     ms_t = m["memshare.Pool"][0]
-    rows = [
-        [name, f"{tasks / v[0]:.2f}", spread(v), ratio(ms_t, v[0])] for name, v in m.items()
-    ]
+    rows = [[name, f"{tasks / v[0]:.2f}", spread(v), ratio(ms_t, v[0])] for name, v in m.items()]
     return table(
         f"Workload (b): 20x20 convolution of the whole frame, {tasks} tasks, {WORKERS} workers",
         ["how", "tasks/s", "time (median [min-max])", "memshare.Pool is faster by"],

@@ -50,8 +50,9 @@ def run(mode: str, tasks: int, processes: int = 2) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["sequential", "multiprocessing", "memshare"],
-                        default="memshare")
+    parser.add_argument(
+        "--mode", choices=["sequential", "multiprocessing", "memshare"], default="memshare"
+    )
     parser.add_argument("--tasks", type=int, default=60)
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args()
