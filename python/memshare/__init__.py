@@ -12,6 +12,7 @@ import multiprocessing.util
 import os
 
 from . import _native
+from ._allocator import allocate_in_shared_memory
 from ._array import (
     SharedArray,
     empty,
@@ -28,14 +29,22 @@ from ._native import (
     SharedMemoryError,
     StaleHandleError,
 )
+from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
+from ._queue import JoinableQueue, Queue
 from ._share import share
 
 __all__ = [
     "CorruptSegmentError",
     "HandleError",
+    "JoinableQueue",
+    "Pool",
+    "ProcessPoolExecutor",
+    "Queue",
     "SharedArray",
     "SharedMemoryError",
     "StaleHandleError",
+    "WorkerLostError",
+    "allocate_in_shared_memory",
     "empty",
     "empty_like",
     "full",
