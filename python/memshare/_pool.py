@@ -45,6 +45,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.pool import (
@@ -293,10 +294,35 @@ class _Packed:
         return pickle.loads(self.data)
 
 
-def _run_packed(payload: bytes) -> _Packed:
+_ATOMIC = frozenset({int, float, bool, str, bytes, complex, type(None)})
+_PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _is_plain(value: Any) -> bool:
+    """True for values that cannot hold shared memory (atomic, or a list or
+    tuple of atomic values): they need no memshare pickling at all."""
+    t = type(value)
+    if t in _ATOMIC:
+        return True
+    if t is list or t is tuple:
+        return _ATOMIC.issuperset(map(type, value))
+    return False
+
+
+def _run_direct(mapper: Callable, batch: tuple) -> Any:
+    """Pool task of plain items for a plain function (the fast path)."""
+    return _pack(mapper(batch))
+
+
+def _run_packed(payload: bytes) -> Any:
     """Pool task: unpickle the call, run it, pickle the result."""
     fn, args, kwds = pickle.loads(payload)
-    value = fn(*args, **kwds)
+    return _pack(fn(*args, **kwds))
+
+
+def _pack(value: Any) -> Any:
+    if _is_plain(value):
+        return value
     f = io.BytesIO()
     try:
         _ResultPickler(f, pickle.HIGHEST_PROTOCOL).dump(value)
@@ -692,6 +718,14 @@ class Pool(multiprocessing.pool.Pool):
         i = -1
         try:
             for i, batch in enumerate(batches):
+                func, items = batch
+                if isinstance(func, _PLAIN_FUNCTIONS) and (
+                    _ATOMIC.issuperset(map(type, items))
+                    or all(type(x) is tuple and _is_plain(x) for x in items)
+                ):
+                    # Nothing here can hold shared memory: the stdlib's way.
+                    yield (job, i, _run_direct, (mapper, batch), {})
+                    continue
                 try:
                     payload = state.dumps((mapper, (batch,), {}))
                 except Exception as e:  # delivered to that task
