@@ -1156,4 +1156,101 @@ mod tests {
         assert_eq!(get_view(pack(5 + cap, EMPTY, 0), 5), GetView::Stale);
         assert_eq!(get_view(pack(1, READING, 2), 5), GetView::Empty);
     }
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn arena(name: &str) -> (Dir, Arena) {
+        let p = std::path::PathBuf::from(format!(
+            "/dev/shm/memshare-qunit-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        let a = Arena::create(&p).unwrap();
+        (Dir(p), a)
+    }
+
+    /// An owner tag of a process that does not exist (arena slot 200).
+    const DEAD: u32 = (200 << EPOCH_BITS) | 1;
+    const T: Option<Duration> = Some(Duration::from_secs(10));
+
+    /// Simulates a producer that claimed position `pos` and died.
+    fn dead_writer(q: &Queue, pos: u64, payload: Option<&[u8]>) {
+        let slot = q.slot(pos);
+        slot.word
+            .store(pack(pos as u32, WRITING, DEAD), Ordering::SeqCst);
+        if let Some(p) = payload {
+            // SAFETY: test-only; the slot is "claimed" and nobody else writes it.
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), q.data_ptr(pos), p.len()) };
+            slot.len.store(p.len() as u32, Ordering::SeqCst);
+            slot.kind.store(KIND_INLINE, Ordering::SeqCst);
+        }
+        q.hdr().tail.0.store(pos + 1, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn dead_producer_without_message_leaves_a_tombstone() {
+        let (_d, a) = arena("tomb");
+        let q = Queue::new(&a, 4, 64).unwrap();
+        dead_writer(&q, 0, None);
+        q.put(b"after", T).unwrap();
+        assert_eq!(q.get(T).unwrap(), b"after");
+        assert!(matches!(q.get(Some(Duration::ZERO)), Err(Error::Empty)));
+    }
+
+    #[test]
+    fn dead_producer_with_finished_message_is_delivered() {
+        let (_d, a) = arena("finished");
+        let q = Queue::new(&a, 4, 64).unwrap();
+        dead_writer(&q, 0, Some(b"orphan"));
+        q.put(b"after", T).unwrap();
+        assert_eq!(q.get(T).unwrap(), b"orphan");
+        assert_eq!(q.get(T).unwrap(), b"after");
+    }
+
+    #[test]
+    fn dead_consumer_slot_is_freed_with_its_memory() {
+        let (_d, a) = arena("reader");
+        let q = Queue::new(&a, 1, 64).unwrap();
+        q.put(&[5u8; 10_000], T).unwrap(); // in its own block
+        assert_eq!(a.stats().unwrap().live_blocks, 2);
+        // A consumer claims position 0 and dies before taking the message.
+        q.slot(0)
+            .word
+            .store(pack(0, READING, DEAD), Ordering::SeqCst);
+        q.hdr().head.0.store(1, Ordering::SeqCst);
+        assert!(matches!(
+            q.get(Some(Duration::from_millis(30))),
+            Err(Error::Empty)
+        ));
+        // A producer waiting for room repairs the slot.
+        q.put(b"next", T).unwrap();
+        assert_eq!(q.get(T).unwrap(), b"next");
+        let s = a.stats().unwrap();
+        assert_eq!(
+            (s.live_blocks, s.pins),
+            (1, 0),
+            "the lost message was freed"
+        );
+    }
+
+    #[test]
+    fn live_owner_is_never_repaired() {
+        let (_d, a) = arena("live");
+        let q = Queue::new(&a, 4, 64).unwrap();
+        let (slot, epoch) = a.my_owner();
+        q.slot(0)
+            .word
+            .store(pack(0, WRITING, owner_tag(slot, epoch)), Ordering::SeqCst);
+        q.hdr().tail.0.store(1, Ordering::SeqCst);
+        q.put(b"x", T).unwrap();
+        assert!(matches!(
+            q.get(Some(Duration::from_millis(50))),
+            Err(Error::Empty)
+        ));
+    }
 }
