@@ -97,6 +97,8 @@ def run(n_frames: int = 40, fps: float | None = 30.0, maxsize: int = 8, queue_fa
         _, sent, skipped = results.get(timeout=120)
         out["sent"] += sent
         out["skipped"] += skipped
+    for p in cams:  # a camera exits once its frames are in the queue
+        p.join(120)
     for _ in range(N_MATCHERS):
         frames.put(None, timeout=120)
     for _ in range(N_MATCHERS):
@@ -104,7 +106,7 @@ def run(n_frames: int = 40, fps: float | None = 30.0, maxsize: int = 8, queue_fa
         out["matched"] += matched
         out["similarity"].append(sim)
     elapsed = time.perf_counter() - t0
-    for p in matchers + cams:
+    for p in matchers:
         p.join(60)
     out["seconds"] = elapsed
     out["frames_per_s"] = out["matched"] / elapsed
