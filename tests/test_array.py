@@ -342,3 +342,15 @@ def test_pool_of_stdlib_over_fork_start_methods_matches_sequential():
         got = pool.map_async(child_sum, list(a)).get(TIMEOUT)
     assert [g[0] for g in got] == pytest.approx(expected)
     assert all(g[1] for g in got)
+
+
+def test_children_detach_cleanly_at_exit(ctx):
+    a = ms.share(np.ones(10))
+    before = ms.stats()["processes"]
+    p = ctx.Process(target=child_sum, args=(a,))
+    p.start()
+    p.join(TIMEOUT)
+    assert p.exitcode == 0
+    # No reap needed: the child gave its slot and references back on exit.
+    s = ms.stats()
+    assert s["processes"] == before and s["live_blocks"] >= 1

@@ -88,22 +88,24 @@ def reap() -> bool:
     return _native.reap()
 
 
-def _after_fork_child() -> None:
-    _native.after_fork_child()
-    # multiprocessing clears its finalizers in a new child; register ours again.
-    _register_exit()
-
-
-def _register_exit() -> None:
+def _register_exit(_: object = None) -> None:
     # Pool workers and Process children leave through os._exit(), which skips
     # atexit; multiprocessing runs its finalizers first, so detach there too.
     multiprocessing.util.Finalize(None, _native.shutdown, exitpriority=-100)
 
 
+class _AfterFork:
+    """Anchor for multiprocessing's after-fork registry (held weakly there)."""
+
+
+_after_fork = _AfterFork()
 os.register_at_fork(
     before=_native.before_fork,
     after_in_parent=_native.after_fork_parent,
-    after_in_child=_after_fork_child,
+    after_in_child=_native.after_fork_child,
 )
+# A multiprocessing child clears the finalizers it inherited, then runs the
+# after-fork hooks: register the exit hook again there.
+multiprocessing.util.register_after_fork(_after_fork, _register_exit)
 atexit.register(_native.shutdown)
 _register_exit()
