@@ -43,17 +43,18 @@ import pickle
 import sys
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "share_frame",
+    "handled_type",
     "install",
+    "reduce_frame",
     "register_reducers",
     "register_reducers_on_import",
-    "reduce_frame",
-    "handled_type",
+    "share_frame",
 ]
 
 # Packages whose objects this module handles.
@@ -77,7 +78,7 @@ def _require(name: str) -> Any:
 def _package_of(obj: Any) -> str | None:
     """The handled package an object's type comes from, without importing it."""
     top = type(obj).__module__.partition(".")[0]
-    if top in _PACKAGES and top in sys.modules:
+    if top in _PACKAGES and sys.modules.get(top) is not None:
         return top
     return None
 
@@ -156,7 +157,7 @@ def _reducer(obj: Any) -> Any:
     """A dispatch-table reducer: :func:`reduce_frame`, else the default."""
     try:
         return (_rebuild, (_encode(obj, _identity, local=False),))
-    except Exception:  # noqa: BLE001 - never make pickling worse than the default
+    except Exception:
         return obj.__reduce_ex__(4)
 
 
@@ -195,7 +196,7 @@ def register_reducers(register: Callable[[type, Callable[[Any], Any]], None]) ->
     """
     done = []
     for name in _PACKAGES:
-        if name in sys.modules:
+        if sys.modules.get(name) is not None:
             _register_package(name, register)
             done.append(name)
     return done
@@ -310,7 +311,7 @@ def register_reducers_on_import(
     with _HOOK_LOCK:
         if _HOOK is None:
             _HOOK = _PostImportHook()
-            _HOOK.pending -= set(sys.modules)
+            _HOOK.pending -= {k for k, v in sys.modules.items() if v is not None}
             sys.meta_path.insert(0, _HOOK)
         _HOOK.callbacks.append(lambda name: _register_package(name, register))
 
@@ -700,7 +701,7 @@ def _encode_strings(arr: np.ndarray) -> tuple | None:
     if len(values) and set(map(type, values)) != {str}:
         return None
     try:
-        if "pyarrow" in sys.modules or _has_pyarrow():
+        if _has_pyarrow():
             pa = sys.modules["pyarrow"]
             if mask.any():
                 arr = arr.copy()
@@ -713,7 +714,7 @@ def _encode_strings(arr: np.ndarray) -> tuple | None:
             if validity_buf is not None and pa_arr.null_count:
                 validity = np.frombuffer(validity_buf, dtype=np.uint8)[: (n + 7) // 8]
         else:
-            encoded = [b"" if m else s.encode("utf-8") for s, m in zip(arr, mask)]
+            encoded = [b"" if m else s.encode("utf-8") for s, m in zip(arr, mask, strict=False)]
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(np.fromiter(map(len, encoded), np.int64, n), out=offsets[1:])
             data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -921,7 +922,7 @@ def _enc_polars(obj: Any, leaf: Leaf) -> tuple:
     frame = obj.to_frame() if is_series else obj
     try:
         table = frame.to_arrow(compat_level=pl.CompatLevel.newest())
-    except Exception:  # noqa: BLE001 - e.g. Object columns, which Arrow cannot hold
+    except Exception:
         return _enc_pickle5(obj, leaf)
     return ("pl", is_series, _enc_arrow(table, leaf))
 
