@@ -461,6 +461,7 @@ class _Tracked:
 class _ApplyResult(_Tracked, ApplyResult):
     def _set(self, i, obj):
         if self._failed:
+            _unpack(obj)  # opens (and drops) its handles: consumes their pins
             return
         super()._set(i, _unpack(obj))
         self._progress(1)
@@ -482,6 +483,7 @@ class _ApplyResult(_Tracked, ApplyResult):
 class _MapResult(_Tracked, MapResult):
     def _set(self, i, success_result):
         if self._failed:
+            _unpack(success_result)
             return
         success, value = _unpack(success_result)
         super()._set(i, (success, value))
@@ -819,9 +821,46 @@ class Pool(multiprocessing.pool.Pool):
     def terminate(self) -> None:
         """Stops the workers at once; pending calls never complete."""
         self._health.terminating = True
+        if self._health.broken is not None:
+            self._unwedge()
         super().terminate()
+        self._drain_results()
         try:
             _native.reap()
+        except Exception:
+            pass
+
+    def _unwedge(self) -> None:
+        """A dead worker may have died holding a queue lock (or mid-message):
+        stop the workers first, then free the locks nobody alive can hold."""
+        self._worker_handler._state = multiprocessing.pool.TERMINATE
+        for p in list(self._pool):
+            if p.exitcode is None:
+                p.kill()
+        for p in list(self._pool):
+            p.join(5)
+        for lock in (self._outqueue._wlock, self._inqueue._rlock):
+            if lock is None:
+                continue
+            # Free now, or held only for a moment by our own threads: leave
+            # it. Still held after that: its holder is dead, release it.
+            if lock.acquire(timeout=0.5):
+                lock.release()
+                continue
+            try:
+                lock.release()
+            except ValueError:
+                pass
+
+    def _drain_results(self) -> None:
+        """Results still in the pipe after the workers stopped: open and drop
+        them, so the pins of workers that exited normally are consumed."""
+        reader = self._outqueue._reader
+        try:
+            while reader.poll(0):
+                task = ForkingPickler.loads(reader.recv_bytes())
+                if isinstance(task, tuple) and len(task) == 3:
+                    _unpack(task[2])
         except Exception:
             pass
 
