@@ -22,18 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benches"))
 
-from _util import measure, spread, table
-
-import memshare as ms
-
-if not hasattr(ms, "Pool"):  # until memshare/__init__.py exports it
-    from memshare import _pool
-
-    ms.Pool = _pool.Pool
-
 import class_attribute
 import convolution
 import outer_product
+from _util import measure, spread, table
+
+import memshare as ms
 
 WORKERS = 2
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))

@@ -18,13 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convolution
 import outer_product
 
-import memshare
-
-if not hasattr(memshare, "Pool"):  # until memshare/__init__.py exports it
-    from memshare import _pool
-
-    memshare.Pool = _pool.Pool
-
 MODES = ["sequential", "multiprocessing", "memshare"]
 LABELS = {
     "sequential": "sequential loop",
