@@ -433,6 +433,27 @@ def test_objects_through_executor(method):
             assert v.equals(objs[k]), k
 
 
+def test_memshare_pickler():
+    """memshare's own pickler (protocol 5) sends shared frames by handle too."""
+    from memshare._array import dumps, loads
+
+    _ensure_reducers()
+    df = mixed_frame(5000).drop(columns="obj_py")
+    data = dumps(share(df))
+    back = loads(data)
+    assert len(data) < 0.01 * frame_nbytes(df), len(data)
+    pd.testing.assert_frame_equal(back, df, check_exact=True)
+    assert unshared_buffers(back) == []
+    # A frame not yet shared: its large buffers are shared on the way.
+    big = big_mixed_frame(8 * MB)
+    data = dumps(big)
+    back = loads(data)
+    assert len(data) < 0.01 * frame_nbytes(big), len(data)
+    pd.testing.assert_frame_equal(back, big, check_exact=True)
+    for name in ("f8", "i8", "str"):
+        assert all(is_shared(b) for b in column_buffers(back[name])), name
+
+
 def test_arrow_buffers_shared_and_pickled_by_handle():
     t = pa.table(
         {

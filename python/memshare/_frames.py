@@ -510,6 +510,10 @@ def _enc_array(arr: Any, leaf: Leaf, local: bool) -> tuple:
     if isinstance(arr, np.ndarray):
         if arr.dtype.hasobject:
             return _enc_object(arr, leaf, local)
+        if arr.dtype.kind in "mM":
+            # numpy pickles datetime64/timedelta64 in-band even with protocol
+            # 5 (they do not export the buffer protocol); int64 views do not.
+            return ("nd_view", leaf(arr.view(np.int64)), arr.dtype)
         return ("nd", leaf(arr))
     from pandas.core.arrays import (
         Categorical,
@@ -941,6 +945,7 @@ _REBUILD: dict[str, Callable[[tuple], Any]] = {
     "list": _reb_list,
     "lit": _reb_lit,
     "nd": lambda spec: _plain(spec[1]),
+    "nd_view": lambda spec: _plain(spec[1]).view(spec[2]),
     "pd_cat": _reb_cat,
     "pd_ndb": _reb_ndb,
     "pd_masked": _reb_masked,
