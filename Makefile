@@ -9,7 +9,7 @@ NATIVE_SOURCES := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.to
 PY_DEPS := maturin numpy pandas pyarrow polars scipy pytest pytest-timeout hypothesis ruff tqdm
 BENCH_DEPS := joblib matplotlib
 
-.PHONY: help demo test test-rust test-python lint fmt bench clean
+.PHONY: help setup demo test test-rust test-python test-slow lint fmt bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,7 +35,12 @@ test-rust: ## Rust unit, integration and property tests
 	cargo test --workspace --exclude memshare-python
 
 test-python: setup ## pytest suite (real processes: fork, spawn, forkserver)
+	cargo build --quiet --release -p memshare --example queue_peer
 	$(PY) -m pytest -q
+
+test-slow: setup ## The long tests: 600 more fault scenarios, soak (pytest -m slow)
+	cargo build --quiet --release -p memshare --example queue_peer
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP_DEPS) ## clippy -D warnings, rustfmt --check, ruff
 	cargo clippy --workspace --all-targets -- -D warnings
