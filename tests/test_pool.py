@@ -46,8 +46,24 @@ def big_result(n):
     return np.full((n, 1000), n, dtype=np.float64)
 
 
+def _zero_copy(arr) -> bool:
+    """In shared memory, or a copy-on-write view of it (a private copy that
+    copies only the pages written)."""
+    base = arr
+    while base is not None and not isinstance(base, _native.PrivateView):
+        base = getattr(base, "base", None)
+    return ms.is_shared(arr) or base is not None
+
+
 def describe(arr, i):
-    return float(arr[i].sum()), ms.is_shared(arr), arr.flags.writeable
+    return float(arr[i].sum()), _zero_copy(arr), arr.flags.writeable
+
+
+def scribble(arr, i):
+    """Writes into its argument, as naive code does; returns what it saw first."""
+    seen = float(arr[i])
+    arr[:] = -1.0
+    return seen, float(arr.sum())
 
 
 def describe_pair(pair):
@@ -275,7 +291,7 @@ def test_executor_shutdown_cancel_futures():
     assert all(f.result(0) == i * i for i, f in enumerate(fs) if not f.cancelled())
 
 
-# --- sharing: zero-copy, dedup, read-only snapshots ---------------------------------------
+# --- sharing: zero-copy, dedup, private copies ---------------------------------------
 
 
 def test_large_arguments_shared_once_per_call(ctx):
@@ -283,12 +299,23 @@ def test_large_arguments_shared_once_per_call(ctx):
     before = _pool.counters["shared_arguments"]
     with Pool(2, context=ctx) as pool:
         out = list(pool.imap(describe_pair, ((arr, i) for i in range(20))))
-        assert out == [(float(arr[i]), True, False) for i in range(20)]
+        assert out == [(float(arr[i]), True, True) for i in range(20)]
         assert _pool.counters["shared_arguments"] == before + 1
         out = pool.starmap(describe, [(arr, i) for i in range(20)], chunksize=3)
         assert _pool.counters["shared_arguments"] == before + 2
-        assert out[5] == (5.0, True, False)
+        assert out[5] == (5.0, True, True)
     assert not ms.is_shared(arr)  # the caller's array is untouched
+
+
+def test_writes_to_arguments_stay_private(ctx):
+    """Like arguments pickled by value: a task writing into its argument
+    changes neither the caller's array nor what other tasks see."""
+    arr = np.arange(300_000, dtype=np.float64)
+    with Pool(2, context=ctx) as pool:
+        out = pool.starmap(scribble, [(arr, i) for i in range(8)], chunksize=1)
+    assert [o[0] for o in out] == [float(i) for i in range(8)]
+    assert all(o[1] == -300_000.0 for o in out)
+    assert arr[5] == 5.0 and arr.sum() == float(sum(range(300_000)))
 
 
 def test_small_arguments_travel_by_value():

@@ -109,6 +109,19 @@ def _rebuild(message: bytes) -> SharedArray:
     )
 
 
+def _rebuild_private(message: bytes) -> np.ndarray:
+    """Unpickles an array as a private copy without copying: a copy-on-write
+    mapping of the shared block, so writes stay in this process (the
+    semantics of an argument pickled by value) and only written pages are
+    ever copied."""
+    block, dtype, itemsize, shape, strides, offset = _native.open_array(message)
+    dt = _decode_dtype(dtype)
+    if dt.itemsize != itemsize:
+        raise _native.HandleError("memshare: array message dtype does not match its item size")
+    view = block.copy_on_write()
+    return np.ndarray(tuple(shape), dt, buffer=view, offset=offset, strides=tuple(strides))
+
+
 class SharedArray(np.ndarray):
     """A ``numpy.ndarray`` whose data lives in memshare shared memory.
 

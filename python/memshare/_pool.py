@@ -12,8 +12,9 @@ What changes is how arguments and results travel:
   least ``share_threshold`` bytes, wherever they sit in the arguments (tuples,
   dicts, attributes of ``self`` of a bound method), are copied into shared
   memory once per call and then go as handles: the generator of ``(df, i)``
-  tuples shares ``df`` once. Such copies are read-only snapshots, so one task
-  cannot change what another task sees.
+  tuples shares ``df`` once. Workers receive such copies as copy-on-write
+  views: writing into an argument changes only that task's copy (as with
+  arguments pickled by value), and only the pages written are copied.
 * Workers run with numpy's allocator hook on (see ``_allocator``): arrays of
   at least ``share_threshold`` bytes they create are born in shared memory,
   and a result that is (or contains) such an array travels back by handle.
@@ -63,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from . import _allocator, _native
-from ._array import _block_of, _encode_dtype, _rebuild, share_array
+from ._array import _block_of, _encode_dtype, _rebuild, _rebuild_private, share_array
 
 __all__ = ["Pool", "ProcessPoolExecutor", "WorkerLostError"]
 
@@ -166,7 +167,10 @@ class _CallState:
             key = (address, arr.nbytes, arr.shape, arr.strides, arr.dtype.str)
             hit = self.arrays.get(key)
             if hit is None:
-                shared = share_array(arr, readonly=True)
+                # Writable, but sent as copy-on-write views (below): a task
+                # that writes to its argument changes only its own copy, as
+                # with arguments pickled by value.
+                shared = share_array(arr)
                 _count("shared_arguments")
                 # Keeping `arr` alive keeps its address from being reused.
                 hit = self.arrays[key] = (arr, shared)
@@ -174,6 +178,9 @@ class _CallState:
             found = _block_of(arr)
             if found is None:  # pragma: no cover - share_array always shares
                 return NotImplemented
+            rebuild = _rebuild_private
+        else:
+            rebuild = _rebuild  # the caller's own shared state stays shared
         block, offset = found
         message = block.array_message(
             _encode_dtype(arr.dtype),
@@ -183,7 +190,7 @@ class _CallState:
             offset,
             self.owner_block(),
         )
-        return (_rebuild, (message,))
+        return (rebuild, (message,))
 
     def reduce_frame(self, obj: Any) -> Any:
         if self.threshold is None:

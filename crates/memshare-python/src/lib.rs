@@ -151,6 +151,13 @@ impl PyBlock {
         Ok(PyBytes::new(py, &meta.encode(&h)))
     }
 
+    /// A copy-on-write view of this block (see `PrivateView`).
+    fn copy_on_write(&self) -> PyResult<PyPrivateView> {
+        Ok(PyPrivateView {
+            view: self.block.copy_on_write().map_err(to_pyerr)?,
+        })
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "<memshare Block of {} bytes at {:#x}>",
@@ -167,33 +174,94 @@ impl PyBlock {
         flags: c_int,
     ) -> PyResult<()> {
         let block = &slf.get().block;
-        let readonly = block.readonly();
-        if readonly && (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
-            return Err(PyBufferError::new_err(
-                "this shared array is read-only (shared with readonly=True)",
-            ));
-        }
-        // SAFETY: `view` is valid per CPython's contract; the pointer and length
-        // describe the block's mapped memory, which stays alive while the
-        // exporter (`slf`, referenced by view->obj) is alive.
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(
+        // SAFETY: forwarded from CPython; the block's memory lives as long as
+        // `slf`, which the view references.
+        unsafe {
+            export_buffer(
+                slf.as_any(),
                 view,
-                slf.as_ptr(),
-                block.as_ptr().cast(),
-                block.len() as ffi::Py_ssize_t,
-                readonly as c_int,
                 flags,
+                block.as_ptr(),
+                block.len(),
+                block.readonly(),
             )
-        };
-        if rc != 0 {
-            return Err(PyErr::fetch(slf.py()));
         }
-        Ok(())
     }
 
     /// # Safety
     /// Called by CPython; nothing to release (the view holds a reference to us).
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// Fills a `Py_buffer` describing `len` bytes at `ptr`, owned by `owner`.
+///
+/// # Safety
+/// `view` must be a valid buffer to fill (CPython's contract for
+/// `__getbuffer__`) and `ptr..ptr+len` must stay valid while `owner` lives.
+unsafe fn export_buffer(
+    owner: &Bound<'_, PyAny>,
+    view: *mut ffi::Py_buffer,
+    flags: c_int,
+    ptr: *mut u8,
+    len: usize,
+    readonly: bool,
+) -> PyResult<()> {
+    if readonly && (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
+        return Err(PyBufferError::new_err(
+            "this shared array is read-only (shared with readonly=True)",
+        ));
+    }
+    // SAFETY: per this function's contract; PyBuffer_FillInfo takes a new
+    // reference to `owner` into view->obj, keeping the memory alive.
+    let rc = unsafe {
+        ffi::PyBuffer_FillInfo(
+            view,
+            owner.as_ptr(),
+            ptr.cast(),
+            len as ffi::Py_ssize_t,
+            readonly as c_int,
+            flags,
+        )
+    };
+    if rc != 0 {
+        return Err(PyErr::fetch(owner.py()));
+    }
+    Ok(())
+}
+
+/// A copy-on-write view of a block: reads share its pages, writes copy the
+/// touched pages for this process alone (a private copy's semantics).
+#[pyclass(frozen, module = "memshare._native", name = "PrivateView")]
+pub struct PyPrivateView {
+    view: memshare::PrivateView,
+}
+
+#[pymethods]
+impl PyPrivateView {
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.view.len()
+    }
+
+    #[getter]
+    fn address(&self) -> usize {
+        self.view.as_ptr() as usize
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `view` to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let v = &slf.get().view;
+        // SAFETY: forwarded from CPython; the private mapping lives as long as `slf`.
+        unsafe { export_buffer(slf.as_any(), view, flags, v.as_ptr(), v.len(), false) }
+    }
+
+    /// # Safety
+    /// Called by CPython; nothing to release.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
@@ -405,6 +473,7 @@ fn shutdown() {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyBlock>()?;
+    m.add_class::<PyPrivateView>()?;
     m.add("HandleError", py.get_type::<HandleError>())?;
     m.add("StaleHandleError", py.get_type::<StaleHandleError>())?;
     m.add("CorruptSegmentError", py.get_type::<CorruptSegmentError>())?;

@@ -1625,6 +1625,62 @@ pub fn release_raw(ptr: *mut u8) -> bool {
     false
 }
 
+/// A copy-on-write view of a block: reads share the block's pages, writes
+/// copy the pages they touch for this process alone. Holds a reference to the
+/// block, so the pages it has not copied stay valid.
+pub struct PrivateView {
+    _block: Block,
+    map: Mapping,
+    delta: usize,
+    len: usize,
+}
+
+// SAFETY: the view owns its private mapping and a counted block reference;
+// nothing in it is tied to a thread.
+unsafe impl Send for PrivateView {}
+// SAFETY: &PrivateView exposes only the pointer and lengths.
+unsafe impl Sync for PrivateView {}
+
+impl PrivateView {
+    pub fn as_ptr(&self) -> *mut u8 {
+        // SAFETY: `delta` < page size <= mapping length.
+        unsafe { self.map.ptr().add(self.delta) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Block {
+    /// A copy-on-write view of this block (the semantics of a private copy,
+    /// at the cost of copying only the pages that are written).
+    pub fn copy_on_write(&self) -> Result<PrivateView> {
+        let path = seg_path(
+            &self.arena.inner.dir,
+            &self.arena.inner.token,
+            ref_seg(self.bref),
+        );
+        let fd = sys::open_file(&path)?;
+        let page = sys::page_size() as u64;
+        let payload = ref_offset(self.bref) + BLOCK_HEADER;
+        let start = payload / page * page;
+        let delta = (payload - start) as usize;
+        let map_len = (delta + self.len.max(1)).div_ceil(page as usize) * page as usize;
+        let map = Mapping::new_private(&fd, start, map_len)?;
+        Ok(PrivateView {
+            _block: self.clone(),
+            map,
+            delta,
+            len: self.len,
+        })
+    }
+}
+
 impl Clone for Block {
     fn clone(&self) -> Block {
         self.arena.retain(self.ptr);

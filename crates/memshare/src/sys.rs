@@ -201,6 +201,38 @@ impl Mapping {
         })
     }
 
+    /// Maps `len` bytes of `fd` from `offset` (page aligned) privately:
+    /// reads see the file's pages without copying, the first write to a page
+    /// copies it for this process alone (copy-on-write).
+    pub fn new_private(fd: &OwnedFd, offset: u64, len: usize) -> Result<Mapping> {
+        if len == 0 || offset % page_size() as u64 != 0 {
+            return Err(Error::InvalidArgument(
+                "private mappings need a page-aligned, non-empty range".into(),
+            ));
+        }
+        // SAFETY: as in `new`; a private mapping aliases nothing either.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Io {
+                context: format!("mapping {len} bytes privately"),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
     pub fn ptr(&self) -> *mut u8 {
         self.ptr
     }
@@ -410,6 +442,17 @@ pub fn futex_wake(word: &AtomicU32, n: u32) {
             0u32,
         )
     };
+}
+
+/// The size of a memory page.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
 }
 
 /// Monotonic clock in nanoseconds.

@@ -416,3 +416,28 @@ fn other_user_cannot_attach() {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn copy_on_write_views_keep_writes_private() {
+    let dir = TestDir::new("cow");
+    let arena = Arena::create(&dir.0).unwrap();
+    let b = arena.alloc(3 * 4096 + 100, false).unwrap();
+    // SAFETY: the block is private to this test.
+    unsafe { b.as_mut_slice().fill(7) };
+    let v = b.copy_on_write().unwrap();
+    assert_eq!(v.len(), b.len());
+    // SAFETY: the view's range is valid for `len` bytes; no other writer.
+    let view = unsafe { std::slice::from_raw_parts_mut(v.as_ptr(), v.len()) };
+    assert!(view.iter().all(|&x| x == 7), "reads see the shared pages");
+    view[5000] = 1;
+    // SAFETY: as above.
+    assert_eq!(unsafe { b.as_slice()[5000] }, 7, "writes stay in the view");
+    drop(b);
+    assert_eq!(
+        arena.stats().unwrap().live_blocks,
+        1,
+        "the view holds the block"
+    );
+    drop(v);
+    assert_eq!(arena.stats().unwrap().live_blocks, 0);
+}
