@@ -80,14 +80,27 @@ def bench_latency() -> str:
             ["transport", "latency", "vs multiprocessing.Queue"],
             [
                 ["multiprocessing.Queue (pickle + pipe)", fmt_time(mp10), "1.0x"],
-                ["ms.Queue, array born shared (ms.empty)", fmt_time(ms10), f"{mp10 / ms10:.0f}x faster"],
-                ["ms.Queue, plain ndarray (shared on put: one copy)", fmt_time(ms10_plain),
-                 f"{mp10 / ms10_plain:.1f}x faster"],
+                [
+                    "ms.Queue, array born shared (ms.empty)",
+                    fmt_time(ms10),
+                    f"{mp10 / ms10:.0f}x faster",
+                ],
+                [
+                    "ms.Queue, plain ndarray (shared on put: one copy)",
+                    fmt_time(ms10_plain),
+                    f"{mp10 / ms10_plain:.1f}x faster",
+                ],
             ],
         )
     )
     rows = []
-    for size, reps in [(1 << 10, 30), (100 << 10, 30), (1 << 20, 20), (10 << 20, 10), (100 << 20, 5)]:
+    for size, reps in [
+        (1 << 10, 30),
+        (100 << 10, 30),
+        (1 << 20, 20),
+        (10 << 20, 10),
+        (100 << 20, 5),
+    ]:
         a = one_way(Queue, size, reps, True)
         b = one_way(CTX.Queue, size, reps, False)
         label = f"{size >> 20} MB" if size >= 1 << 20 else f"{size >> 10} KB"
@@ -230,8 +243,10 @@ def main() -> None:
     parts = sys.argv[1:] or ["latency", "small", "cameras"]
     print("## Queue\n", flush=True)
     for name in parts:
-        print({"latency": bench_latency, "small": bench_small, "cameras": bench_cameras}[name]()
-              , flush=True)
+        print(
+            {"latency": bench_latency, "small": bench_small, "cameras": bench_cameras}[name](),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -75,11 +75,17 @@ def matcher(frames: queue.Queue, results: queue.Queue) -> None:
 
 def _camera_proc(cam, frames, results, n_frames, fps, plain):
     new_frame = np.empty if plain else ms.empty
-    results.put(("camera",) + camera(cam, frames, n_frames, fps, new_frame))
+    results.put(("camera", *camera(cam, frames, n_frames, fps, new_frame)))
 
 
-def run(n_frames: int = 40, fps: float | None = 30.0, maxsize: int = 8, queue_factory=None,
-        plain_frames: bool = False, ctx=None) -> dict:
+def run(
+    n_frames: int = 40,
+    fps: float | None = 30.0,
+    maxsize: int = 8,
+    queue_factory=None,
+    plain_frames: bool = False,
+    ctx=None,
+) -> dict:
     """Runs the scenario; returns frames sent/skipped/matched and frames/s."""
     ctx = ctx or mp.get_context()
     make = queue_factory or Queue

@@ -147,7 +147,7 @@ def test_every_dtype_and_layout_cross_processes(ctx):
     with ctx.Pool(1) as pool:
         got = pool.apply_async(child_copies, (sent,)).get(TIMEOUT)
     assert len(got) == len(sent)
-    for s, (dtype, shape, data, shared, kind) in zip(sent, got):
+    for s, (dtype, shape, data, shared, kind) in zip(sent, got, strict=True):
         assert shared and kind == "SharedArray", s.dtype
         assert (dtype, shape, data) == (s.dtype.str, s.shape, contents(s)), s.dtype
 

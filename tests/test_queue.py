@@ -340,11 +340,9 @@ def test_sigkill_producers_and_consumers_at_random():
 
     assert iterations >= 50
     assert int(counts.max()) <= 1, "a message was delivered twice"
-    missing = sum(
-        int((counts[pid, : int(progress[pid])] == 0).sum()) for pid in range(next_pid)
-    )
+    missing = sum(int((counts[pid, : int(progress[pid])] == 0).sum()) for pid in range(next_pid))
     assert missing <= consumer_kills, (missing, consumer_kills)
-    del q
+    q = None  # drop the queue before the leak check
     gc.collect()
     ms.reap()
     s = ms.stats()

@@ -99,7 +99,8 @@ class Queue:
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
-        return f"<memshare.{type(self).__name__} maxsize={self._maxsize} qsize={self._q.qsize()}{state}>"
+        name = type(self).__name__
+        return f"<memshare.{name} maxsize={self._maxsize} qsize={self._q.qsize()}{state}>"
 
     def _check_closed(self) -> None:
         if self._closed:
