@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import memshare as ms
 from _util import fmt_time, table
+
+import memshare as ms
 
 HOLDER = """
 import sys, memshare as ms
