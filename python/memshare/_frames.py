@@ -533,7 +533,9 @@ def _enc_array(arr: Any, leaf: Leaf, local: bool) -> tuple:
             dtype.ordered,
         )
     if isinstance(arr, NDArrayBackedExtensionArray):
-        return ("pd_ndb", cls, arr.dtype, _enc_array(arr._ndarray, leaf, local))
+        # pandas < 3 keeps a DatetimeIndex's freq on its array.
+        freq = vars(arr).get("_freq")
+        return ("pd_ndb", cls, arr.dtype, _enc_array(arr._ndarray, leaf, local), freq)
     if isinstance(arr, BaseMaskedArray):
         return (
             "pd_masked",
@@ -564,8 +566,11 @@ def _reb_cat(spec: tuple) -> Any:
 
 
 def _reb_ndb(spec: tuple) -> Any:
-    _, cls, dtype, values = spec
-    return cls._simple_new(_rebuild(values), dtype=dtype)
+    _, cls, dtype, values, freq = spec
+    out = cls._simple_new(_rebuild(values), dtype=dtype)
+    if freq is not None:
+        out._freq = freq
+    return out
 
 
 def _reb_masked(spec: tuple) -> Any:
