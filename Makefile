@@ -32,7 +32,7 @@ demo: setup ## Set everything up in .venv and run the demo
 test: test-rust test-python ## Set up and run every test (Rust and Python)
 
 test-rust: ## Rust unit, integration and property tests
-	cargo test --workspace --exclude memshare-python
+	cargo test --workspace
 
 test-python: setup ## pytest suite (real processes: fork, spawn, forkserver)
 	cargo build --quiet --release -p memshare --example queue_peer
