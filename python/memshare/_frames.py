@@ -39,6 +39,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import pickle
 import sys
 import threading
@@ -173,11 +174,7 @@ def _reduce_arrow_buffer(buf: Any) -> Any:
 
 
 def _py_buffer(arr: np.ndarray) -> Any:
-    return (
-        sys.modules["pyarrow"].py_buffer(arr)
-        if "pyarrow" in sys.modules
-        else (_require("pyarrow").py_buffer(arr))
-    )
+    return _require("pyarrow").py_buffer(arr)
 
 
 def register_reducers(register: Callable[[type, Callable[[Any], Any]], None]) -> list[str]:
@@ -257,6 +254,10 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
                 return loader.create_module(spec)
 
             def exec_module(self, module: Any) -> None:
+                # Put the real loader back so nothing else ever sees this one.
+                module.__loader__ = loader
+                if getattr(module, "__spec__", None) is not None:
+                    module.__spec__.loader = loader
                 loader.exec_module(module)
                 hook.pending.discard(fullname)
                 for cb in list(hook.callbacks):
@@ -296,6 +297,14 @@ def install() -> None:
 _INSTALLED = False
 _HOOK: _PostImportHook | None = None
 _HOOK_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _HOOK_LOCK
+    _HOOK_LOCK = threading.Lock()  # another thread may have held it at fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register_reducers_on_import(
@@ -598,26 +607,24 @@ def _reb_pd_arrow(spec: tuple) -> Any:
 # by a rebuild keep their shared large_string encoding here, so pickling them
 # again sends handles instead of encoding the strings again. The arrays are
 # read-only, so the entry cannot go stale.
+# No lock: single dict operations are atomic, and an id cannot be reused
+# before the weakref callback of its previous owner has run.
 _OBJECT_CACHE: dict[int, tuple[weakref.ref, tuple]] = {}
-_OBJECT_CACHE_LOCK = threading.Lock()
 
 
 def _cache_object(arr: np.ndarray, node: tuple) -> None:
     key = id(arr)
 
     def drop(_: Any, key: int = key) -> None:
-        with _OBJECT_CACHE_LOCK:
-            entry = _OBJECT_CACHE.get(key)
-            if entry is not None and entry[0]() is None:
-                del _OBJECT_CACHE[key]
+        entry = _OBJECT_CACHE.get(key)
+        if entry is not None and entry[0]() is None:
+            _OBJECT_CACHE.pop(key, None)
 
-    with _OBJECT_CACHE_LOCK:
-        _OBJECT_CACHE[key] = (weakref.ref(arr, drop), node)
+    _OBJECT_CACHE[key] = (weakref.ref(arr, drop), node)
 
 
 def _cached_object(arr: np.ndarray) -> tuple | None:
-    with _OBJECT_CACHE_LOCK:
-        entry = _OBJECT_CACHE.get(id(arr))
+    entry = _OBJECT_CACHE.get(id(arr))
     if entry is not None and entry[0]() is arr:
         return entry[1]
     return None
