@@ -708,8 +708,8 @@ INDEX_KINDS = ["range", "int", "str", "obj_str", "datetime", "multi"]
 
 
 @st.composite
-def frames(draw, max_len: int = 2000):
-    n = draw(st.sampled_from([0, 1, 2, 7, max_len]))
+def frames(draw, max_len: int = 100_000):
+    n = draw(st.sampled_from([0, 1, 2, 7, 2000, max_len]))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     kinds = draw(st.lists(st.sampled_from(COLUMN_KINDS), min_size=0, max_size=8))
