@@ -11,7 +11,7 @@ import atexit
 import multiprocessing.util
 import os
 
-from . import _native
+from . import _frames, _native
 from ._allocator import allocate_in_shared_memory
 from ._array import (
     SharedArray,
@@ -109,3 +109,6 @@ os.register_at_fork(
 multiprocessing.util.register_after_fork(_after_fork, _register_exit)
 atexit.register(_native.shutdown)
 _register_exit()
+# pandas/pyarrow/polars objects pickle by handle (registered lazily: importing
+# memshare never imports those packages).
+_frames.install()
