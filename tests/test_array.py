@@ -300,12 +300,17 @@ def test_stale_handle_raises():
 
 def test_memshare_dumps_places_large_buffers_in_shared_memory():
     plain = np.arange(200_000, dtype="f8")
-    obj = {"shared": ms.share(np.ones(10)), "plain": plain, "small": b"x" * 10}
+    dates = np.arange(200_000).astype("M8[ns]")  # numpy pickles these in-band
+    obj = {"shared": ms.share(np.ones(10)), "plain": plain, "dates": dates, "small": b"x" * 10}
     data = dumps(obj)
     assert len(data) < 1000
     back = loads(data)
-    assert ms.is_shared(back["shared"]) and ms.is_shared(back["plain"])
-    assert np.array_equal(back["plain"], plain) and back["small"] == b"x" * 10
+    assert all(ms.is_shared(back[k]) for k in ("shared", "plain", "dates"))
+    assert np.array_equal(back["plain"], plain) and np.array_equal(back["dates"], dates)
+    assert back["small"] == b"x" * 10
+    big = bytearray(300_000)  # out-of-band buffers of other objects go by handle too
+    back = loads(dumps(pickle.PickleBuffer(big)))
+    assert bytes(back) == bytes(big) and ms.is_shared(back)
 
 
 @settings(max_examples=60, deadline=None)

@@ -267,6 +267,11 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
             message = _array_message(obj, self._pin_owner)
+            if message is None and obj.nbytes >= OUT_OF_BAND_THRESHOLD:
+                # Copy into shared memory here rather than leave it to pickle's
+                # out-of-band buffers: numpy pickles some dtypes (datetime64,
+                # timedelta64) in-band.
+                message = _array_message(share_array(obj), self._pin_owner)
             if message is not None:
                 return (_rebuild, (message,))
             return NotImplemented
