@@ -39,6 +39,29 @@ impl Drop for TestDir {
     }
 }
 
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Runs the test `name` of this binary in a new process with `env` set
+/// (its half of a two-process test); true if it succeeded.
+fn run_child(name: &str, dir: &TestDir, env: (&str, String)) -> bool {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env.0, env.1)
+        .env("MEMSHARE_DIR", &dir.0)
+        .status()
+        .unwrap()
+        .success()
+}
+
 #[test]
 fn alloc_free_and_stats() {
     let dir = TestDir::new("stats");
@@ -171,10 +194,7 @@ fn child_reads_array() {
     let Ok(msg) = std::env::var("MEMSHARE_TEST_MESSAGE") else {
         return;
     };
-    let bytes: Vec<u8> = (0..msg.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&msg[i..i + 2], 16).unwrap())
-        .collect();
+    let bytes = from_hex(&msg);
     let mut a = SharedArray::from_bytes(&bytes).unwrap();
     let sum: f64 = a.view::<f64>().unwrap().sum();
     assert_eq!(sum, (0..1000).map(|x| x as f64).sum::<f64>());
@@ -187,19 +207,12 @@ fn second_process_reads_array() {
     let arena = Arena::create(&dir.0).unwrap();
     let data = ArrayD::from_shape_fn(IxDyn(&[10, 100]), |i| (i[0] * 100 + i[1]) as f64);
     let a = SharedArray::from_view(&arena, data.view()).unwrap();
-    let msg: String = a
-        .to_bytes()
-        .unwrap()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_reads_array", "--nocapture"])
-        .env("MEMSHARE_TEST_MESSAGE", msg)
-        .env("MEMSHARE_DIR", &dir.0)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let msg = to_hex(&a.to_bytes().unwrap());
+    assert!(run_child(
+        "child_reads_array",
+        &dir,
+        ("MEMSHARE_TEST_MESSAGE", msg)
+    ));
     assert_eq!(
         a.view::<f64>().unwrap()[[0, 0]],
         -1.0,
@@ -220,10 +233,7 @@ fn child_dies_holding() {
     let Ok(msg) = std::env::var("MEMSHARE_TEST_DIE") else {
         return;
     };
-    let bytes: Vec<u8> = (0..msg.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&msg[i..i + 2], 16).unwrap())
-        .collect();
+    let bytes = from_hex(&msg);
     let a = SharedArray::from_bytes(&bytes).unwrap();
     let arena = a.block().arena().clone();
     let _mine = arena.alloc(1 << 20, false).unwrap();
@@ -238,19 +248,12 @@ fn dead_process_is_reaped() {
     let dir = TestDir::new("reap");
     let arena = Arena::create(&dir.0).unwrap();
     let a = SharedArray::zeros::<f64>(&arena, &[1000]).unwrap();
-    let msg: String = a
-        .to_bytes()
-        .unwrap()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_dies_holding", "--nocapture"])
-        .env("MEMSHARE_TEST_DIE", msg)
-        .env("MEMSHARE_DIR", &dir.0)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let msg = to_hex(&a.to_bytes().unwrap());
+    assert!(run_child(
+        "child_dies_holding",
+        &dir,
+        ("MEMSHARE_TEST_DIE", msg)
+    ));
     assert_eq!(
         arena.stats().unwrap().live_blocks,
         2,
@@ -403,18 +406,12 @@ fn other_user_cannot_attach() {
     }
     let dir = TestDir::new("nobody");
     let arena = Arena::create(&dir.0).unwrap();
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_as_nobody",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MEMSHARE_TEST_NOBODY", hex(&arena.token()))
-        .env("MEMSHARE_DIR", &dir.0)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let token = hex(&arena.token());
+    assert!(run_child(
+        "child_as_nobody",
+        &dir,
+        ("MEMSHARE_TEST_NOBODY", token)
+    ));
 }
 
 #[test]
