@@ -26,8 +26,15 @@
 //! ```
 //! Claims are CASes on the slot word itself (so the owner tag is written
 //! atomically with the claim); `tail`/`head` are then advanced by the
-//! claimer or by anyone who sees the slot already claimed (helping), as in
-//! Vyukov's bounded queue. No lock is taken on the hot path.
+//! claimer or by anyone who sees the slot already claimed or moved past that
+//! position (helping, as in Vyukov's bounded queue; it also moves a tail or
+//! head left behind by a claimer killed before advancing it). No lock is
+//! taken on the hot path.
+//!
+//! The protocol steps (`put_slot`, `get_slot`, waiting, repair, `close`) are
+//! written over [`SlotMem`], implemented by [`Queue`] over shared memory and
+//! by the model checker in `tests/queue_model.rs`, which runs this same code
+//! under every interleaving of small scenarios, with deaths.
 //!
 //! # Faults
 //! A process killed between claiming and releasing a slot leaves it WRITING
@@ -123,7 +130,8 @@ pub enum PutView {
     Advance,
     /// The slot still holds the previous lap: the queue is full.
     Full,
-    /// The tail moved on: reload it.
+    /// The slot moved past `pos`: the tail moved on, or lags behind a
+    /// claimer that died; help advance it.
     Stale,
 }
 
@@ -134,6 +142,7 @@ pub enum GetView {
     Advance,
     /// Nothing published at `pos` yet.
     Empty,
+    /// The slot moved past `pos`: help advance the head.
     Stale,
 }
 
@@ -257,8 +266,9 @@ pub struct Prepared {
 }
 
 /// Which side of the queue a waiter is on.
+#[doc(hidden)]
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub enum Side {
     Put,
     Get,
 }
@@ -291,14 +301,14 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-fn deadline_of(timeout: Option<Duration>) -> Option<Instant> {
-    timeout.and_then(|t| Instant::now().checked_add(t))
+fn deadline_of(now: Instant, timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| now.checked_add(t))
 }
 
-/// Time left until `deadline`; None waits forever (no timeout, or one too
-/// large to represent).
-fn remaining(deadline: Option<Instant>) -> Option<Duration> {
-    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+/// Time left at `now` until `deadline`; None waits forever (no timeout, or
+/// one too large to represent).
+fn remaining(deadline: Option<Instant>, now: Instant) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(now))
 }
 
 impl Queue {
@@ -467,11 +477,6 @@ impl Queue {
         }
     }
 
-    fn me(&self) -> u32 {
-        let (slot, epoch) = self.block.arena().my_owner();
-        owner_tag(slot, epoch)
-    }
-
     /// Messages in the queue (including ones being written or read).
     pub fn len(&self) -> usize {
         let h = self.hdr();
@@ -492,260 +497,14 @@ impl Queue {
     /// [`Error::Closed`]; `get` drains what is left, then fails with
     /// [`Error::Closed`]; blocked callers wake up.
     pub fn close(&self) {
-        let h = self.hdr();
-        h.closed.store(1, Ordering::SeqCst);
-        for w in [&h.futex.0.not_empty, &h.futex.0.not_full] {
-            w.fetch_add(1, Ordering::SeqCst);
-            sys::futex_wake(w, u32::MAX);
-        }
+        close(self)
     }
 
     pub fn is_closed(&self) -> bool {
-        self.hdr().closed.load(Ordering::Acquire) != 0
-    }
-
-    // ----- waiting -------------------------------------------------------
-
-    fn wake(&self, side: Side) {
-        let f = &self.hdr().futex.0;
-        let (word, waiters) = match side {
-            Side::Put => (&f.not_full, &f.put_waiters),
-            Side::Get => (&f.not_empty, &f.get_waiters),
-        };
-        // Pairs with the fence in `wait`: either we see the waiter, or the
-        // waiter's re-check sees our change.
-        fence(Ordering::SeqCst);
-        if waiters.load(Ordering::Relaxed) > 0 {
-            word.fetch_add(1, Ordering::SeqCst);
-            sys::futex_wake(word, 1);
-        }
-    }
-
-    /// Runs `attempt` until it is done, sleeping on the side's futex while
-    /// it is blocked, repairing slots whose owner died.
-    fn wait<T>(
-        &self,
-        side: Side,
-        timeout: Option<Duration>,
-        mut attempt: impl FnMut() -> Attempt<T>,
-    ) -> Result<T> {
-        let deadline = deadline_of(timeout);
-        let f = &self.hdr().futex.0;
-        let (word, waiters) = match side {
-            Side::Put => (&f.not_full, &f.put_waiters),
-            Side::Get => (&f.not_empty, &f.get_waiters),
-        };
-        let timeout_err = || match side {
-            Side::Put => Error::Full,
-            Side::Get => Error::Empty,
-        };
-        // (pos, word) of a foreign claimed slot in the way, first seen when,
-        // owner last checked when.
-        let mut stuck: Option<(u64, u64, Instant, Instant)> = None;
-        loop {
-            let blocker = match attempt() {
-                Attempt::Done(r) => return r,
-                Attempt::Retry => continue,
-                Attempt::Blocked(b) => b,
-            };
-            if self.is_closed() {
-                return Err(Error::Closed);
-            }
-            if remaining(deadline) == Some(Duration::ZERO) {
-                return Err(timeout_err());
-            }
-            let mut slice = IDLE_SLICE;
-            if let Some((pos, w)) = blocker {
-                let now = Instant::now();
-                match stuck {
-                    Some((p, sw, since, checked)) if p == pos && sw == w => {
-                        if now.duration_since(since) >= STUCK_AFTER
-                            && now.duration_since(checked) >= STUCK_AFTER
-                        {
-                            stuck = Some((p, sw, since, now));
-                            if self.repair(pos, w) {
-                                continue;
-                            }
-                        }
-                    }
-                    _ => stuck = Some((pos, w, now, now)),
-                }
-                slice = STUCK_AFTER;
-            } else {
-                stuck = None;
-            }
-            let seen = word.load(Ordering::Acquire);
-            waiters.fetch_add(1, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            match attempt() {
-                Attempt::Done(r) => {
-                    waiters.fetch_sub(1, Ordering::SeqCst);
-                    return r;
-                }
-                Attempt::Retry => {
-                    waiters.fetch_sub(1, Ordering::SeqCst);
-                    continue;
-                }
-                Attempt::Blocked(_) => {}
-            }
-            let wait = match remaining(deadline) {
-                Some(r) => r.min(slice),
-                None => slice,
-            };
-            if !self.is_closed() && !wait.is_zero() {
-                sys::futex_wait(word, seen, Some(wait));
-            }
-            waiters.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    /// True if the process that holds owner tag `owner` is alive.
-    fn owner_alive(&self, owner: u32) -> bool {
-        let arena = self.block.arena();
-        let (slot, epoch) = (owner >> EPOCH_BITS, owner & EPOCH_MASK);
-        let (my_slot, my_epoch) = arena.my_owner();
-        if slot == my_slot && epoch == my_epoch & EPOCH_MASK {
-            return true;
-        }
-        if !arena.is_alive(slot) {
-            return false;
-        }
-        match arena.slot_epoch(slot) {
-            Ok(Some(e)) => e & EPOCH_MASK == epoch,
-            Ok(None) => false,
-            // Cannot tell: never take over a slot from a live process.
-            Err(_) => true,
-        }
-    }
-
-    /// Repairs the slot at `pos` if it still holds `word` and the owner is
-    /// dead. Returns true if something changed.
-    fn repair(&self, pos: u64, word: u64) -> bool {
-        let (seq, state, owner) = unpack(word);
-        if (state != WRITING && state != READING) || self.owner_alive(owner) {
-            return false;
-        }
-        let slot = self.slot(pos);
-        let mine = pack(seq, state, self.me());
-        if slot
-            .word
-            .compare_exchange(word, mine, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return true;
-        }
-        let kind = slot.kind.load(Ordering::Acquire);
-        if state == WRITING {
-            // Publish what the dead producer finished writing, or a tombstone.
-            if kind & KIND_MASK == KIND_NONE {
-                self.finish_task();
-            }
-            slot.word.store(pack(seq, FULL, 0), Ordering::Release);
-            self.wake(Side::Get);
-        } else {
-            // The consumer died inside `get`: its caller never saw the message.
-            self.discard(pos, kind);
-            if kind & KIND_MASK != KIND_NONE {
-                self.finish_task();
-            }
-            slot.kind.store(KIND_NONE, Ordering::Relaxed);
-            slot.word.store(
-                pack(seq.wrapping_add(self.cap as u32), EMPTY, 0),
-                Ordering::Release,
-            );
-            self.wake(Side::Put);
-        }
-        true
-    }
-
-    /// Releases the pins a message in slot `pos` holds (it will never be
-    /// delivered).
-    fn discard(&self, pos: u64, kind: u32) {
-        let arena = self.block.arena();
-        let data = self.data_ptr(pos);
-        let release_embedded = |bytes: &[u8]| {
-            for (_, h) in find_handles(bytes, arena) {
-                drop(arena.open(&h));
-            }
-        };
-        match kind & KIND_MASK {
-            KIND_INLINE if kind & KIND_HANDLES != 0 => {
-                let len = (self.slot(pos).len.load(Ordering::Relaxed) as usize).min(self.inline);
-                // SAFETY: the slot is ours (claimed by CAS); `len` is
-                // clamped to the data area.
-                let bytes = unsafe { std::slice::from_raw_parts(data, len) };
-                release_embedded(bytes);
-            }
-            KIND_BLOCK => {
-                // SAFETY: the slot is ours and its data area holds >= 64 bytes.
-                let hb = unsafe { std::slice::from_raw_parts(data, HANDLE_LEN) };
-                if let Ok(b) = Handle::from_bytes(hb).and_then(|h| arena.open(&h)) {
-                    if kind & KIND_HANDLES != 0 {
-                        // SAFETY: message blocks are never written after
-                        // publication.
-                        release_embedded(unsafe { b.as_slice() });
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn finish_task(&self) {
-        if self.joinable {
-            let _ = self.task_done();
-        }
+        is_closed(self)
     }
 
     // ----- put -----------------------------------------------------------
-
-    fn try_claim_put(&self, me: u32) -> Attempt<u64> {
-        let h = self.hdr();
-        loop {
-            let pos = h.tail.0.load(Ordering::Acquire);
-            let slot = self.slot(pos);
-            let w = slot.word.load(Ordering::Acquire);
-            match put_view(w, pos) {
-                PutView::Claim => {
-                    if slot
-                        .word
-                        .compare_exchange(
-                            w,
-                            pack(pos as u32, WRITING, me),
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        )
-                        .is_ok()
-                    {
-                        let _ = h.tail.0.compare_exchange(
-                            pos,
-                            pos + 1,
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        );
-                        return Attempt::Done(Ok(pos));
-                    }
-                }
-                PutView::Advance => {
-                    let _ = h.tail.0.compare_exchange(
-                        pos,
-                        pos + 1,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
-                }
-                PutView::Full => {
-                    if h.tail.0.load(Ordering::Acquire) != pos {
-                        continue;
-                    }
-                    let (_, state, _) = unpack(w);
-                    let blocker = (state == WRITING || state == READING).then_some((pos, w));
-                    return Attempt::Blocked(blocker);
-                }
-                PutView::Stale => {}
-            }
-        }
-    }
 
     /// Puts a message, waiting up to `timeout` (None: forever) for room.
     /// Fails with [`Error::Full`] on timeout, [`Error::Closed`] if closed.
@@ -812,13 +571,23 @@ impl Queue {
                 "the message differs from the one prepared".into(),
             ));
         }
+        put_slot(self, timeout, |pos| {
+            if self.joinable {
+                self.hdr().unfinished.0.fetch_add(1, Ordering::SeqCst);
+            }
+            let filled = self.fill(pos, msg, prepared);
+            if filled.is_err() {
+                self.finish_task();
+            }
+            filled
+        })
+    }
+
+    /// Writes `msg` into the claimed slot `pos`; returns its kind. On error,
+    /// the pins made so far are released.
+    fn fill(&self, pos: u64, msg: &[u8], prepared: &Prepared) -> Result<u32> {
         let arena = self.block.arena();
         let (embedded, big) = (&prepared.embedded, &prepared.big);
-        let me = self.me();
-        let pos = self.wait(Side::Put, timeout, || self.try_claim_put(me))?;
-        if self.joinable {
-            self.hdr().unfinished.0.fetch_add(1, Ordering::SeqCst);
-        }
         let slot = self.slot(pos);
         let data = self.data_ptr(pos);
         let mut made: Vec<Handle> = Vec::new();
@@ -859,24 +628,13 @@ impl Queue {
             }
             Ok(kind)
         })();
-        let result = match filled {
-            Ok(kind) => {
-                slot.kind.store(kind, Ordering::Release);
-                Ok(())
+        if filled.is_err() {
+            // Release the pins made so far; a tombstone is published.
+            for h in &made {
+                drop(arena.open(h));
             }
-            Err(e) => {
-                // Release the pins made so far; publish a tombstone.
-                for h in &made {
-                    drop(arena.open(h));
-                }
-                self.finish_task();
-                Err(e)
-            }
-        };
-        slot.word
-            .store(pack(pos as u32, FULL, 0), Ordering::Release);
-        self.wake(Side::Get);
-        result
+        }
+        filled
     }
 
     /// Puts a shared array (by handle: no copy). A Python consumer receives
@@ -888,61 +646,23 @@ impl Queue {
 
     // ----- get -----------------------------------------------------------
 
-    fn try_claim_get(&self, me: u32) -> Attempt<u64> {
-        let h = self.hdr();
-        loop {
-            let pos = h.head.0.load(Ordering::Acquire);
-            let slot = self.slot(pos);
-            let w = slot.word.load(Ordering::Acquire);
-            match get_view(w, pos) {
-                GetView::Claim => {
-                    if slot
-                        .word
-                        .compare_exchange(
-                            w,
-                            pack(pos as u32, READING, me),
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        )
-                        .is_ok()
-                    {
-                        let _ = h.head.0.compare_exchange(
-                            pos,
-                            pos + 1,
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        );
-                        return Attempt::Done(Ok(pos));
-                    }
-                }
-                GetView::Advance => {
-                    let _ = h.head.0.compare_exchange(
-                        pos,
-                        pos + 1,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
-                }
-                GetView::Empty => {
-                    if h.head.0.load(Ordering::Acquire) != pos {
-                        continue;
-                    }
-                    let (_, state, _) = unpack(w);
-                    let blocker = (state == WRITING || state == READING).then_some((pos, w));
-                    return Attempt::Blocked(blocker);
-                }
-                GetView::Stale => {}
-            }
-        }
+    /// Takes a message, waiting up to `timeout` (None: forever). Fails with
+    /// [`Error::Empty`] on timeout, [`Error::Closed`] once closed and drained.
+    pub fn get(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        Ok(self.get_message(timeout)?.into_vec())
     }
 
-    /// Takes the message in the claimed slot `pos` and releases the slot.
-    /// `None` for a tombstone.
-    fn take(&self, pos: u64) -> Option<Result<Message>> {
+    /// Takes a message with the blocks its embedded handles reference.
+    pub fn get_message(&self, timeout: Option<Duration>) -> Result<Message> {
+        get_slot(self, timeout, |pos, kind| self.read(pos, kind))
+    }
+
+    /// Takes the message of kind `kind` in the claimed slot `pos` (before the
+    /// slot is released). `None` for a tombstone.
+    fn read(&self, pos: u64, kind: u32) -> Option<Result<Message>> {
         let arena = self.block.arena();
         let slot = self.slot(pos);
         let data = self.data_ptr(pos);
-        let kind = slot.kind.load(Ordering::Acquire);
         let taken = match kind & KIND_MASK {
             KIND_INLINE => {
                 let len = (slot.len.load(Ordering::Relaxed) as usize).min(self.inline);
@@ -964,7 +684,7 @@ impl Queue {
         };
         // Open the embedded handles before releasing the slot: from then on
         // this process's references keep (and, if it dies, free) the data.
-        let taken = taken.map(|r| {
+        taken.map(|r| {
             r.map(|data| {
                 let mut msg = Message {
                     data,
@@ -979,33 +699,6 @@ impl Queue {
                 }
                 msg
             })
-        });
-        slot.kind.store(KIND_NONE, Ordering::Relaxed);
-        slot.word.store(
-            pack((pos as u32).wrapping_add(self.cap as u32), EMPTY, 0),
-            Ordering::Release,
-        );
-        self.wake(Side::Put);
-        taken
-    }
-
-    /// Takes a message, waiting up to `timeout` (None: forever). Fails with
-    /// [`Error::Empty`] on timeout, [`Error::Closed`] once closed and drained.
-    pub fn get(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
-        Ok(self.get_message(timeout)?.into_vec())
-    }
-
-    /// Takes a message with the blocks its embedded handles reference.
-    pub fn get_message(&self, timeout: Option<Duration>) -> Result<Message> {
-        let me = self.me();
-        self.wait(Side::Get, timeout, || match self.try_claim_get(me) {
-            Attempt::Done(Ok(pos)) => match self.take(pos) {
-                Some(r) => Attempt::Done(r),
-                None => Attempt::Retry,
-            },
-            Attempt::Done(Err(e)) => Attempt::Done(Err(e)),
-            Attempt::Blocked(b) => Attempt::Blocked(b),
-            Attempt::Retry => Attempt::Retry,
         })
     }
 
@@ -1065,7 +758,7 @@ impl Queue {
                 "join() needs a joinable queue".into(),
             ));
         }
-        let deadline = deadline_of(timeout);
+        let deadline = deadline_of(Instant::now(), timeout);
         let h = self.hdr();
         let f = &h.futex.0;
         loop {
@@ -1073,7 +766,7 @@ impl Queue {
             if h.unfinished.0.load(Ordering::SeqCst) == 0 {
                 return Ok(true);
             }
-            let wait = match remaining(deadline) {
+            let wait = match remaining(deadline, Instant::now()) {
                 Some(r) if r.is_zero() => return Ok(false),
                 Some(r) => r.min(IDLE_SLICE),
                 None => IDLE_SLICE,
@@ -1085,6 +778,499 @@ impl Queue {
             f.join_waiters.fetch_sub(1, Ordering::SeqCst);
         }
     }
+}
+
+impl SlotMem for Queue {
+    type A64 = AtomicU64;
+    type A32 = AtomicU32;
+
+    fn capacity(&self) -> u64 {
+        self.cap
+    }
+    fn tail(&self) -> &AtomicU64 {
+        &self.hdr().tail.0
+    }
+    fn head(&self) -> &AtomicU64 {
+        &self.hdr().head.0
+    }
+    fn closed(&self) -> &AtomicU32 {
+        &self.hdr().closed
+    }
+    fn word(&self, pos: u64) -> &AtomicU64 {
+        &self.slot(pos).word
+    }
+    fn kind(&self, pos: u64) -> &AtomicU32 {
+        &self.slot(pos).kind
+    }
+    fn futex(&self, side: Side) -> (&AtomicU32, &AtomicU32) {
+        let f = &self.hdr().futex.0;
+        match side {
+            Side::Put => (&f.not_full, &f.put_waiters),
+            Side::Get => (&f.not_empty, &f.get_waiters),
+        }
+    }
+    fn futex_wait(&self, word: &AtomicU32, seen: u32, timeout: Option<Duration>) {
+        sys::futex_wait(word, seen, timeout);
+    }
+    fn futex_wake(&self, word: &AtomicU32, n: u32) {
+        sys::futex_wake(word, n)
+    }
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn me(&self) -> u32 {
+        let (slot, epoch) = self.block.arena().my_owner();
+        owner_tag(slot, epoch)
+    }
+
+    fn owner_alive(&self, owner: u32) -> bool {
+        let arena = self.block.arena();
+        let (slot, epoch) = (owner >> EPOCH_BITS, owner & EPOCH_MASK);
+        let (my_slot, my_epoch) = arena.my_owner();
+        if slot == my_slot && epoch == my_epoch & EPOCH_MASK {
+            return true;
+        }
+        if !arena.is_alive(slot) {
+            return false;
+        }
+        match arena.slot_epoch(slot) {
+            Ok(Some(e)) => e & EPOCH_MASK == epoch,
+            Ok(None) => false,
+            // Cannot tell: never take over a slot from a live process.
+            Err(_) => true,
+        }
+    }
+
+    /// Releases the pins a message in slot `pos` holds (it will never be
+    /// delivered).
+    fn discard(&self, pos: u64, kind: u32) {
+        let arena = self.block.arena();
+        let data = self.data_ptr(pos);
+        let release_embedded = |bytes: &[u8]| {
+            for (_, h) in find_handles(bytes, arena) {
+                drop(arena.open(&h));
+            }
+        };
+        match kind & KIND_MASK {
+            KIND_INLINE if kind & KIND_HANDLES != 0 => {
+                let len = (self.slot(pos).len.load(Ordering::Relaxed) as usize).min(self.inline);
+                // SAFETY: the slot is ours (claimed by CAS); `len` is
+                // clamped to the data area.
+                let bytes = unsafe { std::slice::from_raw_parts(data, len) };
+                release_embedded(bytes);
+            }
+            KIND_BLOCK => {
+                // SAFETY: the slot is ours and its data area holds >= 64 bytes.
+                let hb = unsafe { std::slice::from_raw_parts(data, HANDLE_LEN) };
+                if let Ok(b) = Handle::from_bytes(hb).and_then(|h| arena.open(&h)) {
+                    if kind & KIND_HANDLES != 0 {
+                        // SAFETY: message blocks are never written after
+                        // publication.
+                        release_embedded(unsafe { b.as_slice() });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_task(&self) {
+        if self.joinable {
+            let _ = Queue::task_done(self);
+        }
+    }
+}
+
+// ----- the slot protocol ---------------------------------------------------
+//
+// The steps of `put`, `get`, waiting and repair touch shared state only
+// through [`SlotMem`], so the same code runs over the queue's shared memory
+// (`impl SlotMem for Queue`) and over the model in `tests/queue_model.rs`,
+// which enumerates their interleavings.
+
+/// The atomic operations the slot protocol uses on a 64-bit word.
+#[doc(hidden)]
+pub trait Atomic64 {
+    fn load(&self, order: Ordering) -> u64;
+    fn store(&self, val: u64, order: Ordering);
+    fn compare_exchange(
+        &self,
+        current: u64,
+        new: u64,
+        success: Ordering,
+        failure: Ordering,
+    ) -> std::result::Result<u64, u64>;
+}
+
+/// The atomic operations the slot protocol uses on a 32-bit word.
+#[doc(hidden)]
+pub trait Atomic32 {
+    fn load(&self, order: Ordering) -> u32;
+    fn store(&self, val: u32, order: Ordering);
+    fn fetch_add(&self, val: u32, order: Ordering) -> u32;
+    fn fetch_sub(&self, val: u32, order: Ordering) -> u32;
+}
+
+impl Atomic64 for AtomicU64 {
+    fn load(&self, order: Ordering) -> u64 {
+        AtomicU64::load(self, order)
+    }
+    fn store(&self, val: u64, order: Ordering) {
+        AtomicU64::store(self, val, order)
+    }
+    fn compare_exchange(
+        &self,
+        current: u64,
+        new: u64,
+        success: Ordering,
+        failure: Ordering,
+    ) -> std::result::Result<u64, u64> {
+        AtomicU64::compare_exchange(self, current, new, success, failure)
+    }
+}
+
+impl Atomic32 for AtomicU32 {
+    fn load(&self, order: Ordering) -> u32 {
+        AtomicU32::load(self, order)
+    }
+    fn store(&self, val: u32, order: Ordering) {
+        AtomicU32::store(self, val, order)
+    }
+    fn fetch_add(&self, val: u32, order: Ordering) -> u32 {
+        AtomicU32::fetch_add(self, val, order)
+    }
+    fn fetch_sub(&self, val: u32, order: Ordering) -> u32 {
+        AtomicU32::fetch_sub(self, val, order)
+    }
+}
+
+/// The shared state of a queue and the services of its process, as seen by
+/// the slot protocol. Implemented by [`Queue`] and by the model test.
+#[doc(hidden)]
+pub trait SlotMem {
+    type A64: Atomic64;
+    type A32: Atomic32;
+    /// Slots in the ring.
+    fn capacity(&self) -> u64;
+    fn tail(&self) -> &Self::A64;
+    fn head(&self) -> &Self::A64;
+    fn closed(&self) -> &Self::A32;
+    /// The word of the slot for position `pos`.
+    fn word(&self, pos: u64) -> &Self::A64;
+    /// The message kind of the slot for position `pos`.
+    fn kind(&self, pos: u64) -> &Self::A32;
+    /// (futex word, waiter count) of a side.
+    fn futex(&self, side: Side) -> (&Self::A32, &Self::A32);
+    /// Sleeps while `word` holds `seen`, at most `timeout`.
+    fn futex_wait(&self, word: &Self::A32, seen: u32, timeout: Option<Duration>);
+    /// Wakes up to `n` sleepers on `word`.
+    fn futex_wake(&self, word: &Self::A32, n: u32);
+    fn now(&self) -> Instant;
+    /// This process's owner tag.
+    fn me(&self) -> u32;
+    /// True if the process that holds owner tag `owner` is alive.
+    fn owner_alive(&self, owner: u32) -> bool;
+    /// Releases what the message in claimed slot `pos` holds (it will never
+    /// be delivered).
+    fn discard(&self, pos: u64, kind: u32);
+    /// Marks one task done on a joinable queue.
+    fn finish_task(&self);
+}
+
+fn is_closed<M: SlotMem>(m: &M) -> bool {
+    m.closed().load(Ordering::Acquire) != 0
+}
+
+/// Closes the queue (see [`Queue::close`]).
+#[doc(hidden)]
+pub fn close<M: SlotMem>(m: &M) {
+    m.closed().store(1, Ordering::SeqCst);
+    for side in [Side::Get, Side::Put] {
+        let (w, _) = m.futex(side);
+        w.fetch_add(1, Ordering::SeqCst);
+        m.futex_wake(w, u32::MAX);
+    }
+}
+
+// ----- waiting -------------------------------------------------------------
+
+fn wake<M: SlotMem>(m: &M, side: Side) {
+    let (word, waiters) = m.futex(side);
+    // Pairs with the fence in `wait`: either we see the waiter, or the
+    // waiter's re-check sees our change.
+    fence(Ordering::SeqCst);
+    if waiters.load(Ordering::Relaxed) > 0 {
+        word.fetch_add(1, Ordering::SeqCst);
+        m.futex_wake(word, 1);
+    }
+}
+
+/// Runs `attempt` until it is done, sleeping on the side's futex while
+/// it is blocked, repairing slots whose owner died.
+fn wait<M: SlotMem, T>(
+    m: &M,
+    side: Side,
+    timeout: Option<Duration>,
+    mut attempt: impl FnMut() -> Attempt<T>,
+) -> Result<T> {
+    let deadline = deadline_of(m.now(), timeout);
+    let (word, waiters) = m.futex(side);
+    let timeout_err = || match side {
+        Side::Put => Error::Full,
+        Side::Get => Error::Empty,
+    };
+    // (pos, word) of a foreign claimed slot in the way, first seen when,
+    // owner last checked when.
+    let mut stuck: Option<(u64, u64, Instant, Instant)> = None;
+    loop {
+        let blocker = match attempt() {
+            Attempt::Done(r) => return r,
+            Attempt::Retry => continue,
+            Attempt::Blocked(b) => b,
+        };
+        if is_closed(m) {
+            return Err(Error::Closed);
+        }
+        if remaining(deadline, m.now()) == Some(Duration::ZERO) {
+            return Err(timeout_err());
+        }
+        let mut slice = IDLE_SLICE;
+        if let Some((pos, w)) = blocker {
+            let now = m.now();
+            match stuck {
+                Some((p, sw, since, checked)) if p == pos && sw == w => {
+                    if now.duration_since(since) >= STUCK_AFTER
+                        && now.duration_since(checked) >= STUCK_AFTER
+                    {
+                        stuck = Some((p, sw, since, now));
+                        if repair(m, pos, w) {
+                            continue;
+                        }
+                    }
+                }
+                _ => stuck = Some((pos, w, now, now)),
+            }
+            slice = STUCK_AFTER;
+        } else {
+            stuck = None;
+        }
+        let seen = word.load(Ordering::Acquire);
+        waiters.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        match attempt() {
+            Attempt::Done(r) => {
+                waiters.fetch_sub(1, Ordering::SeqCst);
+                return r;
+            }
+            Attempt::Retry => {
+                waiters.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            Attempt::Blocked(_) => {}
+        }
+        let wait = match remaining(deadline, m.now()) {
+            Some(r) => r.min(slice),
+            None => slice,
+        };
+        if !is_closed(m) && !wait.is_zero() {
+            m.futex_wait(word, seen, Some(wait));
+        }
+        waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Repairs the slot at `pos` if it still holds `word` and the owner is
+/// dead. Returns true if something changed.
+fn repair<M: SlotMem>(m: &M, pos: u64, word: u64) -> bool {
+    let (seq, state, owner) = unpack(word);
+    if (state != WRITING && state != READING) || m.owner_alive(owner) {
+        return false;
+    }
+    let slot = m.word(pos);
+    let mine = pack(seq, state, m.me());
+    if slot
+        .compare_exchange(word, mine, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return true;
+    }
+    let kind = m.kind(pos).load(Ordering::Acquire);
+    if state == WRITING {
+        // Publish what the dead producer finished writing, or a tombstone.
+        if kind & KIND_MASK == KIND_NONE {
+            m.finish_task();
+        }
+        slot.store(pack(seq, FULL, 0), Ordering::Release);
+        wake(m, Side::Get);
+    } else {
+        // The consumer died inside `get`: its caller never saw the message.
+        m.discard(pos, kind);
+        if kind & KIND_MASK != KIND_NONE {
+            m.finish_task();
+        }
+        m.kind(pos).store(KIND_NONE, Ordering::Relaxed);
+        slot.store(
+            pack(seq.wrapping_add(m.capacity() as u32), EMPTY, 0),
+            Ordering::Release,
+        );
+        wake(m, Side::Put);
+    }
+    true
+}
+
+// ----- put -----------------------------------------------------------------
+
+fn try_claim_put<M: SlotMem>(m: &M, me: u32) -> Attempt<u64> {
+    loop {
+        let pos = m.tail().load(Ordering::Acquire);
+        let slot = m.word(pos);
+        let w = slot.load(Ordering::Acquire);
+        match put_view(w, pos) {
+            PutView::Claim => {
+                if slot
+                    .compare_exchange(
+                        w,
+                        pack(pos as u32, WRITING, me),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
+                    let _ = m.tail().compare_exchange(
+                        pos,
+                        pos + 1,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                    return Attempt::Done(Ok(pos));
+                }
+            }
+            // Stale: the slot has moved past `pos`, so position `pos` was
+            // claimed. Usually the tail has moved on too; but if the claimer
+            // died before advancing it, nobody else would, and reloading
+            // alone would spin for ever (found by tests/queue_model.rs).
+            PutView::Advance | PutView::Stale => {
+                let _ =
+                    m.tail()
+                        .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+            }
+            PutView::Full => {
+                if m.tail().load(Ordering::Acquire) != pos {
+                    continue;
+                }
+                let (_, state, _) = unpack(w);
+                let blocker = (state == WRITING || state == READING).then_some((pos, w));
+                return Attempt::Blocked(blocker);
+            }
+        }
+    }
+}
+
+/// Claims a slot (waiting up to `timeout` for room), lets `fill` write the
+/// message into it, and publishes it: with the kind `fill` returns, or as a
+/// tombstone if `fill` fails.
+#[doc(hidden)]
+pub fn put_slot<M: SlotMem>(
+    m: &M,
+    timeout: Option<Duration>,
+    fill: impl FnOnce(u64) -> Result<u32>,
+) -> Result<()> {
+    let me = m.me();
+    let pos = wait(m, Side::Put, timeout, || try_claim_put(m, me))?;
+    let result = match fill(pos) {
+        Ok(kind) => {
+            m.kind(pos).store(kind, Ordering::Release);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    m.word(pos)
+        .store(pack(pos as u32, FULL, 0), Ordering::Release);
+    wake(m, Side::Get);
+    result
+}
+
+// ----- get -----------------------------------------------------------------
+
+fn try_claim_get<M: SlotMem>(m: &M, me: u32) -> Attempt<u64> {
+    loop {
+        let pos = m.head().load(Ordering::Acquire);
+        let slot = m.word(pos);
+        let w = slot.load(Ordering::Acquire);
+        match get_view(w, pos) {
+            GetView::Claim => {
+                if slot
+                    .compare_exchange(
+                        w,
+                        pack(pos as u32, READING, me),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
+                    let _ = m.head().compare_exchange(
+                        pos,
+                        pos + 1,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                    return Attempt::Done(Ok(pos));
+                }
+            }
+            // Stale: as for `put`, help a head left behind by a dead claimer.
+            GetView::Advance | GetView::Stale => {
+                let _ =
+                    m.head()
+                        .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+            }
+            GetView::Empty => {
+                if m.head().load(Ordering::Acquire) != pos {
+                    continue;
+                }
+                let (_, state, _) = unpack(w);
+                let blocker = (state == WRITING || state == READING).then_some((pos, w));
+                return Attempt::Blocked(blocker);
+            }
+        }
+    }
+}
+
+/// Lets `read` take the message in the claimed slot `pos` (given its kind;
+/// `None` for a tombstone) and releases the slot.
+fn take<M: SlotMem, T>(
+    m: &M,
+    pos: u64,
+    read: &mut impl FnMut(u64, u32) -> Option<Result<T>>,
+) -> Option<Result<T>> {
+    let kind = m.kind(pos).load(Ordering::Acquire);
+    let taken = read(pos, kind);
+    m.kind(pos).store(KIND_NONE, Ordering::Relaxed);
+    m.word(pos).store(
+        pack((pos as u32).wrapping_add(m.capacity() as u32), EMPTY, 0),
+        Ordering::Release,
+    );
+    wake(m, Side::Put);
+    taken
+}
+
+/// Claims a published message (waiting up to `timeout`), lets `read` take
+/// it and releases the slot; tombstones are skipped.
+#[doc(hidden)]
+pub fn get_slot<M: SlotMem, T>(
+    m: &M,
+    timeout: Option<Duration>,
+    mut read: impl FnMut(u64, u32) -> Option<Result<T>>,
+) -> Result<T> {
+    let me = m.me();
+    wait(m, Side::Get, timeout, || match try_claim_get(m, me) {
+        Attempt::Done(Ok(pos)) => match take(m, pos, &mut read) {
+            Some(r) => Attempt::Done(r),
+            None => Attempt::Retry,
+        },
+        Attempt::Done(Err(e)) => Attempt::Done(Err(e)),
+        Attempt::Blocked(b) => Attempt::Blocked(b),
+        Attempt::Retry => Attempt::Retry,
+    })
 }
 
 /// A new handle for `b` (opened from `h`) whose pin the queue block owns,
@@ -1236,6 +1422,54 @@ mod tests {
             (1, 0),
             "the lost message was freed"
         );
+    }
+
+    /// Runs `f` on a thread; fails (instead of hanging) if it does not
+    /// return within a minute.
+    fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the call spins instead of returning")
+    }
+
+    // Regression (found by tests/queue_model.rs): a producer killed between
+    // claiming a slot and advancing the tail left the tail behind; once the
+    // slot was repaired and consumed, every later `put` spun for ever.
+    #[test]
+    fn tail_left_behind_by_a_dead_producer_is_advanced() {
+        let (_d, a) = arena("tailbehind");
+        let q = std::sync::Arc::new(Queue::new(&a, 1, 64).unwrap());
+        q.slot(0)
+            .word
+            .store(pack(0, WRITING, DEAD), Ordering::SeqCst);
+        // A consumer repairs the slot (a tombstone) and skips it.
+        assert!(matches!(
+            q.get(Some(Duration::from_millis(50))),
+            Err(Error::Empty)
+        ));
+        assert_eq!(q.hdr().tail.0.load(Ordering::SeqCst), 0);
+        let q2 = q.clone();
+        returns(move || q2.put(b"next", T)).unwrap();
+        assert_eq!(q.get(T).unwrap(), b"next");
+    }
+
+    // Regression (found by tests/queue_model.rs): a consumer killed between
+    // claiming a slot and advancing the head left the head behind; once a
+    // producer repaired the slot, every later `get` spun for ever.
+    #[test]
+    fn head_left_behind_by_a_dead_consumer_is_advanced() {
+        let (_d, a) = arena("headbehind");
+        let q = std::sync::Arc::new(Queue::new(&a, 1, 64).unwrap());
+        q.put(b"lost", T).unwrap();
+        q.slot(0)
+            .word
+            .store(pack(0, READING, DEAD), Ordering::SeqCst);
+        // A producer waiting for room repairs the slot.
+        q.put(b"next", T).unwrap();
+        assert_eq!(q.hdr().head.0.load(Ordering::SeqCst), 0);
+        let q2 = q.clone();
+        assert_eq!(returns(move || q2.get(T)).unwrap(), b"next");
     }
 
     #[test]
