@@ -27,7 +27,7 @@ use crate::sys::{self, LockState, Mapping, RobustMutex};
 /// Segments grow geometrically between these sizes (a single larger request
 /// gets a segment of its own size).
 const MIN_SEGMENT: u64 = 16 << 20;
-const MAX_SEGMENT: u64 = 1 << 30;
+const MAX_SEGMENT: u64 = 128 << 20;
 /// A free block is split when the remainder is at least this large.
 const SPLIT_MIN: u64 = BLOCK_HEADER + 4096;
 /// How often an allocation checks for dead processes.
@@ -388,7 +388,10 @@ impl<'a> Txn<'a> {
             return Err(self.oom(size));
         }
         let needed = (size + SEG_HEADER + BLOCK_HEADER).div_ceil(4096) * 4096;
-        let geometric = (self.ctl.bytes_reserved / 2).clamp(MIN_SEGMENT, MAX_SEGMENT);
+        // Reserved space is real memory on tmpfs: grow by an eighth of what is
+        // reserved (at most MAX_SEGMENT), and give large requests a segment of
+        // exactly their size.
+        let geometric = (self.ctl.bytes_reserved / 8).clamp(MIN_SEGMENT, MAX_SEGMENT);
         let mut want = needed.max(geometric).div_ceil(2 << 20) * (2 << 20);
         let room = self.ctl.limit.saturating_sub(self.ctl.bytes_reserved);
         let (_, avail) = sys::space(&self.inner.dir);
