@@ -897,3 +897,25 @@ def test_pss_two_workers_small():
 @pytest.mark.timeout(900)
 def test_pss_two_workers_1gb():
     _pss_check(1024 * MB, "forkserver" if "forkserver" in START_METHODS else "spawn")
+
+
+def test_sharing_a_shared_frame_copies_nothing():
+    ms = memshare
+    """Regression: read-only shared buffers found by address were taken for
+    writable ones, so sharing (or sending through ms.Pool) a shared frame
+    copied its Arrow string columns again."""
+    n = 100_000
+    df = pd.DataFrame(
+        {
+            "f": np.arange(n, dtype="f8"),
+            "s": pd.Series([f"abc{i}" for i in range(n)], dtype="str"),
+            "c": pd.Categorical(["a", "b"] * (n // 2)),
+        }
+    )
+    shared = ms.share(df)
+    in_use = ms.stats()["bytes_in_use"]
+    again = ms.share(shared)
+    column = ms.share(shared["s"])
+    assert ms.stats()["bytes_in_use"] == in_use
+    pd.testing.assert_frame_equal(again, df, check_exact=True)
+    del again, column, shared

@@ -58,6 +58,7 @@ struct LocalRef {
     generation: u64,
     size: u64,
     count: usize,
+    readonly: bool,
 }
 
 struct ForkReservation {
@@ -1078,6 +1079,7 @@ impl Arena {
                 generation,
                 size,
                 count: 1,
+                readonly,
             },
         );
         local.by_ref.insert(r, ptr as usize);
@@ -1120,6 +1122,7 @@ impl Arena {
             generation: h.generation,
             size,
             count: 0,
+            readonly: flags & BLOCK_READONLY != 0,
         });
         entry.count += 1;
         local.by_ref.insert(r, ptr as usize);
@@ -1153,7 +1156,7 @@ impl Arena {
             ptr: start as *mut u8,
             len: entry.size as usize,
             capacity: entry.size as usize,
-            readonly: false,
+            readonly: entry.readonly,
         };
         Some((block, addr - start))
     }
