@@ -25,6 +25,15 @@ from memshare import _native  # noqa: E402
 START_METHODS = ["fork", "spawn", "forkserver"]
 
 
+def _dev_shm_entries() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(("memshare-", "sem."))}
+
+
+# What was there before the session (other programs'); anything new that is
+# still there at the end was left by the tests.
+_DEV_SHM_BEFORE = _dev_shm_entries()
+
+
 @pytest.fixture(params=START_METHODS)
 def ctx(request):
     """A multiprocessing context for each start method."""
@@ -60,10 +69,11 @@ def pytest_sessionfinish(session, exitstatus):
     gc.collect()
     _native.shutdown()
     leftovers = sorted(p.name for p in SHM_DIR.iterdir()) if SHM_DIR.exists() else []
-    stray = sorted(p.name for p in Path("/dev/shm").glob("memshare-*") if p.is_file())
+    stray = sorted(_dev_shm_entries() - _DEV_SHM_BEFORE - {SHM_DIR.name})
     shutil.rmtree(SHM_DIR, ignore_errors=True)
     if leftovers:
         sys.stderr.write(f"\nmemshare: segments left in {SHM_DIR}: {leftovers}\n")
         session.exitstatus = 1
     if stray:
-        sys.stderr.write(f"\nmemshare: note: other memshare segments in /dev/shm: {stray}\n")
+        sys.stderr.write(f"\nmemshare: the tests left these in /dev/shm: {stray}\n")
+        session.exitstatus = 1

@@ -275,8 +275,15 @@ if __name__ == "__main__":
 """
 
 
+def stdlib_semaphores() -> set[Path]:
+    # sem.mp-*: named semaphores; sem.XXXXXX: glibc sem_open temporaries of
+    # a process killed inside sem_open.
+    return set(Path("/dev/shm").glob("sem.*"))
+
+
 def run_tree_scenario(seed: int) -> None:
     rng = random.Random(seed)
+    semaphores_before = stdlib_semaphores()
     with tempfile.TemporaryDirectory(prefix="memshare-tree-", dir="/dev/shm") as d:
         env = {k: v for k, v in os.environ.items() if k != "MEMSHARE_ARENA"}
         env["MEMSHARE_DIR"] = d
@@ -308,6 +315,10 @@ def run_tree_scenario(seed: int) -> None:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 break
+        # multiprocessing's named semaphores die with their resource tracker
+        # only if it survives; this tree's tracker was killed with it.
+        for sem in stdlib_semaphores() - semaphores_before:
+            sem.unlink(missing_ok=True)
         files = os.listdir(d)
         assert files, "the tree had created an arena"
         # The next memshare start in that directory removes what the dead left.

@@ -41,6 +41,7 @@ def queue_producer(q, seed):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(DURATION + 300)
 def test_soak_pool_and_queue_with_random_kills():
     rng = random.Random(7)
     ctx = mp.get_context("fork")
