@@ -863,13 +863,21 @@ class Pool(multiprocessing.pool.Pool):
         """Results still in the pipe after the workers stopped: open and drop
         them, so the pins of workers that exited normally are consumed."""
         reader = self._outqueue._reader
-        try:
-            while reader.poll(0):
-                task = ForkingPickler.loads(reader.recv_bytes())
+        while True:
+            try:
+                if not reader.poll(0):
+                    return
+                data = reader.recv_bytes()
+            except Exception:  # a message cut short by a killed worker
+                return
+            try:
+                task = ForkingPickler.loads(data)
                 if isinstance(task, tuple) and len(task) == 3:
                     _unpack(task[2])
-        except Exception:
-            pass
+            except Exception:
+                # e.g. a stale handle from a killed worker: the next message
+                # may still hold pins of a worker that exited normally.
+                continue
 
     def join(self) -> None:
         """Waits for the workers to exit (after ``close()`` or ``terminate()``)."""
