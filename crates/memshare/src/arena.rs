@@ -79,6 +79,14 @@ struct Local {
     fork: Option<ForkReservation>,
 }
 
+impl Local {
+    /// True while the process in `slot` lives: it is us, or another open file
+    /// description holds the slot's lock.
+    fn slot_alive(&self, slot: u32) -> bool {
+        slot == self.slot || sys::ofd_is_locked(&self.fd, slot_lock_offset(slot), 1)
+    }
+}
+
 struct Inner {
     token: [u8; 16],
     dir: PathBuf,
@@ -682,7 +690,7 @@ impl<'a> Txn<'a> {
     }
 
     fn slot_alive(&self, slot: u32) -> bool {
-        slot == self.local.slot || sys::ofd_is_locked(&self.local.fd, slot_lock_offset(slot), 1)
+        self.local.slot_alive(slot)
     }
 
     /// Releases everything held by processes that died. Returns true if any
@@ -1228,8 +1236,7 @@ impl Arena {
 
     /// True while the process in `slot` lives (it holds the slot's OFD lock).
     pub fn is_alive(&self, slot: u32) -> bool {
-        let local = lock_local(&self.inner.local);
-        slot == local.slot || sys::ofd_is_locked(&local.fd, slot_lock_offset(slot), 1)
+        lock_local(&self.inner.local).slot_alive(slot)
     }
 
     /// Usage figures across every process attached to the arena.

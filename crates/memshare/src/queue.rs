@@ -1120,42 +1120,59 @@ fn repair<M: SlotMem>(m: &M, pos: u64, word: u64) -> bool {
 
 // ----- put -----------------------------------------------------------------
 
-fn try_claim_put<M: SlotMem>(m: &M, me: u32) -> Attempt<u64> {
+/// Claims the slot at the tail (`Side::Put`) or head (`Side::Get`), or says
+/// what blocks the claim.
+fn try_claim<M: SlotMem>(m: &M, me: u32, side: Side) -> Attempt<u64> {
+    enum View {
+        Claim,
+        Advance,
+        Blocked,
+    }
+    let (counter, claimed) = match side {
+        Side::Put => (m.tail(), WRITING),
+        Side::Get => (m.head(), READING),
+    };
     loop {
-        let pos = m.tail().load(Ordering::Acquire);
+        let pos = counter.load(Ordering::Acquire);
         let slot = m.word(pos);
         let w = slot.load(Ordering::Acquire);
-        match put_view(w, pos) {
-            PutView::Claim => {
+        let view = match side {
+            Side::Put => match put_view(w, pos) {
+                PutView::Claim => View::Claim,
+                PutView::Advance | PutView::Stale => View::Advance,
+                PutView::Full => View::Blocked,
+            },
+            Side::Get => match get_view(w, pos) {
+                GetView::Claim => View::Claim,
+                GetView::Advance | GetView::Stale => View::Advance,
+                GetView::Empty => View::Blocked,
+            },
+        };
+        match view {
+            View::Claim => {
                 if slot
                     .compare_exchange(
                         w,
-                        pack(pos as u32, WRITING, me),
+                        pack(pos as u32, claimed, me),
                         Ordering::AcqRel,
                         Ordering::Relaxed,
                     )
                     .is_ok()
                 {
-                    let _ = m.tail().compare_exchange(
-                        pos,
-                        pos + 1,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
+                    let _ =
+                        counter.compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
                     return Attempt::Done(Ok(pos));
                 }
             }
             // Stale: the slot has moved past `pos`, so position `pos` was
-            // claimed. Usually the tail has moved on too; but if the claimer
-            // died before advancing it, nobody else would, and reloading
-            // alone would spin for ever (found by tests/queue_model.rs).
-            PutView::Advance | PutView::Stale => {
-                let _ =
-                    m.tail()
-                        .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+            // claimed. Usually the counter has moved on too; but if the
+            // claimer died before advancing it, nobody else would, and
+            // reloading alone would spin for ever (found by tests/queue_model.rs).
+            View::Advance => {
+                let _ = counter.compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
             }
-            PutView::Full => {
-                if m.tail().load(Ordering::Acquire) != pos {
+            View::Blocked => {
+                if counter.load(Ordering::Acquire) != pos {
                     continue;
                 }
                 let (_, state, _) = unpack(w);
@@ -1176,7 +1193,7 @@ pub fn put_slot<M: SlotMem>(
     fill: impl FnOnce(u64) -> Result<u32>,
 ) -> Result<()> {
     let me = m.me();
-    let pos = wait(m, Side::Put, timeout, || try_claim_put(m, me))?;
+    let pos = wait(m, Side::Put, timeout, || try_claim(m, me, Side::Put))?;
     let result = match fill(pos) {
         Ok(kind) => {
             m.kind(pos).store(kind, Ordering::Release);
@@ -1191,49 +1208,6 @@ pub fn put_slot<M: SlotMem>(
 }
 
 // ----- get -----------------------------------------------------------------
-
-fn try_claim_get<M: SlotMem>(m: &M, me: u32) -> Attempt<u64> {
-    loop {
-        let pos = m.head().load(Ordering::Acquire);
-        let slot = m.word(pos);
-        let w = slot.load(Ordering::Acquire);
-        match get_view(w, pos) {
-            GetView::Claim => {
-                if slot
-                    .compare_exchange(
-                        w,
-                        pack(pos as u32, READING, me),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok()
-                {
-                    let _ = m.head().compare_exchange(
-                        pos,
-                        pos + 1,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
-                    return Attempt::Done(Ok(pos));
-                }
-            }
-            // Stale: as for `put`, help a head left behind by a dead claimer.
-            GetView::Advance | GetView::Stale => {
-                let _ =
-                    m.head()
-                        .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
-            }
-            GetView::Empty => {
-                if m.head().load(Ordering::Acquire) != pos {
-                    continue;
-                }
-                let (_, state, _) = unpack(w);
-                let blocker = (state == WRITING || state == READING).then_some((pos, w));
-                return Attempt::Blocked(blocker);
-            }
-        }
-    }
-}
 
 /// Lets `read` take the message in the claimed slot `pos` (given its kind;
 /// `None` for a tombstone) and releases the slot.
@@ -1262,14 +1236,16 @@ pub fn get_slot<M: SlotMem, T>(
     mut read: impl FnMut(u64, u32) -> Option<Result<T>>,
 ) -> Result<T> {
     let me = m.me();
-    wait(m, Side::Get, timeout, || match try_claim_get(m, me) {
-        Attempt::Done(Ok(pos)) => match take(m, pos, &mut read) {
-            Some(r) => Attempt::Done(r),
-            None => Attempt::Retry,
-        },
-        Attempt::Done(Err(e)) => Attempt::Done(Err(e)),
-        Attempt::Blocked(b) => Attempt::Blocked(b),
-        Attempt::Retry => Attempt::Retry,
+    wait(m, Side::Get, timeout, || {
+        match try_claim(m, me, Side::Get) {
+            Attempt::Done(Ok(pos)) => match take(m, pos, &mut read) {
+                Some(r) => Attempt::Done(r),
+                None => Attempt::Retry,
+            },
+            Attempt::Done(Err(e)) => Attempt::Done(Err(e)),
+            Attempt::Blocked(b) => Attempt::Blocked(b),
+            Attempt::Retry => Attempt::Retry,
+        }
     })
 }
 
