@@ -7,6 +7,7 @@ import gc
 import os
 import pickle
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -141,6 +142,8 @@ def test_another_user_cannot_attach():
         finally:
             os._exit(code)
     os.close(w)
+    ready, _, _ = select.select([r], [], [], TIMEOUT)
+    assert ready, "the child did not answer"
     with os.fdopen(r, "rb") as f:
         result = f.read().decode()
     _, status = os.waitpid(pid, 0)
