@@ -16,6 +16,13 @@ were forked, so its top-level functions and classes keep going by reference,
 as in the standard library (a pool's workers see the notebook as it was when
 the pool was made).
 
+A function of ``__main__`` sent by value is rebuilt in the receiver's
+``__main__`` namespace, and the globals it uses are added there unless the
+receiver already has them, as a forked child would: an initializer that sets
+a global (``global model; model = load()``) and the tasks that read it share
+one namespace per worker, as they do under fork and in a script. (cloudpickle
+alone gives each unpickled function a namespace of its own.)
+
 :class:`Pickler` is the pickler of everything memshare sends to a child;
 memshare's own picklers subclass it and add shared memory in their
 ``reducer_override``.
@@ -121,6 +128,50 @@ class Pickler(cloudpickle.Pickler):
                 return NotImplemented  # pickle's own save_global
             return super().reducer_override(obj)  # cloudpickle: by value
         return NotImplemented
+
+    def _dynamic_function_reduce(self, func: types.FunctionType) -> tuple:
+        # cloudpickle's reduction of a function by value, rebuilt in the
+        # receiver's __main__ if it lives in ours.
+        rv = super()._dynamic_function_reduce(func)
+        if func.__globals__ is not _main_globals():
+            return rv
+        make, newargs, state, listitems, dictitems, _setter = rv
+        newargs = (newargs[0], _MAIN_GLOBALS, *newargs[2:])
+        return (make, newargs, state, listitems, dictitems, _set_function_state)
+
+
+def _main_globals() -> dict:
+    return sys.modules["__main__"].__dict__
+
+
+class _MainGlobals:
+    """Pickles as "the receiver's ``__main__`` namespace"."""
+
+    def __reduce__(self):
+        return (_main_globals, ())
+
+
+_MAIN_GLOBALS = _MainGlobals()
+_MISSING = object()
+
+
+def _set_function_state(func: types.FunctionType, state: tuple) -> None:
+    """cloudpickle's function state setter for a function rebuilt in the
+    receiver's ``__main__``: its globals are added only where missing."""
+    state, slotstate = state
+    namespace = func.__globals__
+    for name, value in slotstate.pop("__globals__").items():
+        namespace.setdefault(name, value)
+    slotstate["__globals__"] = {}
+    builtins = namespace.get("__builtins__", _MISSING)
+    _cloudpickle_set_function_state(func, (state, slotstate))
+    if builtins is not _MISSING:  # cloudpickle sets its own module's
+        namespace["__builtins__"] = builtins
+
+
+# The one private name of cloudpickle used here (its state format is what
+# _set_function_state reads; tests/test_callables.py checks both).
+_cloudpickle_set_function_state = cloudpickle.cloudpickle._function_setstate
 
 
 def dumps(obj: Any, *, main_by_ref: bool = True) -> bytes:

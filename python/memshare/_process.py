@@ -79,12 +79,13 @@ class ForkServerProcess(_Portable, mpc.ForkServerProcess):
 
 class _Context:
     """Mixin for the standard library's concrete contexts: memshare's
-    process, pools and queues."""
+    process, pools and queues (imported when called: the pools use this
+    module)."""
 
     def get_context(self, method: str | None = None) -> Any:
         return self if method is None else get_context(method)
 
-    def Pool(  # noqa: N802 - the standard library's name
+    def Pool(
         self,
         processes: int | None = None,
         initializer: Any = None,
@@ -97,21 +98,19 @@ class _Context:
 
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self, **kwargs)
 
-    def ProcessPoolExecutor(  # noqa: N802
-        self, max_workers: int | None = None, **kwargs: Any
-    ) -> Any:
+    def ProcessPoolExecutor(self, max_workers: int | None = None, **kwargs: Any) -> Any:
         """A :class:`memshare.ProcessPoolExecutor` of this start method."""
         from ._pool import ProcessPoolExecutor
 
         return ProcessPoolExecutor(max_workers, mp_context=self, **kwargs)
 
-    def Queue(self, maxsize: int = 0) -> Any:  # noqa: N802
+    def Queue(self, maxsize: int = 0) -> Any:
         """A :class:`memshare.Queue` (shared by every start method)."""
         from ._queue import Queue
 
         return Queue(maxsize)
 
-    def JoinableQueue(self, maxsize: int = 0) -> Any:  # noqa: N802
+    def JoinableQueue(self, maxsize: int = 0) -> Any:
         """A :class:`memshare.JoinableQueue`."""
         from ._queue import JoinableQueue
 
