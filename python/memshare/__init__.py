@@ -30,6 +30,7 @@ from ._native import (
     StaleHandleError,
 )
 from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
+from ._process import Process, get_context
 from ._queue import JoinableQueue, Queue
 from ._share import share
 
@@ -41,6 +42,7 @@ __all__ = [
     "HandleError",
     "JoinableQueue",
     "Pool",
+    "Process",
     "ProcessPoolExecutor",
     "Queue",
     "SharedArray",
@@ -52,6 +54,7 @@ __all__ = [
     "empty_like",
     "full",
     "full_like",
+    "get_context",
     "is_shared",
     "reap",
     "set_limit",
