@@ -105,11 +105,8 @@ class _AfterFork:
 
 
 _after_fork = _AfterFork()
-os.register_at_fork(
-    before=_native.before_fork,
-    after_in_parent=_native.after_fork_parent,
-    after_in_child=_native.after_fork_child,
-)
+# Reserves the child's slots; the switch to them happens inside fork().
+os.register_at_fork(before=_native.before_fork)
 # A multiprocessing child clears the finalizers it inherited, then runs the
 # after-fork hooks: register the exit hook again there.
 multiprocessing.util.register_after_fork(_after_fork, _register_exit)

@@ -7,6 +7,7 @@ mod queue;
 
 use std::ffi::c_int;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memshare::arena::{self, Arena};
 use memshare::{ArrayMeta, Block, Error, Handle};
@@ -437,27 +438,13 @@ fn list_arenas(py: Python<'_>, dir: Option<PathBuf>) -> PyResult<Vec<Bound<'_, P
     Ok(out)
 }
 
-/// `os.register_at_fork(before=...)`: reserve child slots in every arena.
+/// `os.register_at_fork(before=...)`: reserves a slot for the child in every
+/// arena (waiting without the GIL). The switch to it, and the process-local
+/// locks that must not be inherited held, are handled inside `fork()` itself
+/// by the core's `pthread_atfork` handlers.
 #[pyfunction]
-fn before_fork() {
-    for a in Arena::all_attached() {
-        // Failure (e.g. no free slot) leaves the child detached, never broken.
-        let _ = a.prepare_fork();
-    }
-}
-
-#[pyfunction]
-fn after_fork_parent() {
-    for a in Arena::all_attached() {
-        a.after_fork_parent();
-    }
-}
-
-#[pyfunction]
-fn after_fork_child() {
-    for a in Arena::all_attached() {
-        a.after_fork_child();
-    }
+fn before_fork(py: Python<'_>) {
+    py.detach(arena::reserve_fork_slots);
 }
 
 /// Detaches from every arena (at interpreter exit).
@@ -469,9 +456,30 @@ fn shutdown() {
     }
 }
 
+/// Rust panics seen in this process. A panic is a bug: tests assert none.
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts panics (then reports them as Rust's default hook does).
+fn count_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::Relaxed);
+        previous(info);
+    }));
+}
+
+/// How many Rust panics happened in this process (tests assert none).
+#[pyfunction]
+fn panic_count() -> u64 {
+    PANICS.load(Ordering::Relaxed)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    count_panics();
+    numpy_hook::install_fork_handlers();
+    m.add_function(wrap_pyfunction!(panic_count, m)?)?;
     m.add_class::<PyBlock>()?;
     m.add_class::<PyPrivateView>()?;
     m.add("HandleError", py.get_type::<HandleError>())?;
@@ -494,8 +502,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(collect_garbage, m)?)?;
     m.add_function(wrap_pyfunction!(list_arenas, m)?)?;
     m.add_function(wrap_pyfunction!(before_fork, m)?)?;
-    m.add_function(wrap_pyfunction!(after_fork_parent, m)?)?;
-    m.add_function(wrap_pyfunction!(after_fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(shutdown, m)?)?;
     numpy_hook::register(m)?;
     queue::register(m)?;

@@ -14,6 +14,7 @@
 //! free or realloc knows which allocator owns a pointer without guessing.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_uint, c_void, CStr};
 use std::panic::catch_unwind;
@@ -118,6 +119,31 @@ fn live() -> MutexGuard<'static, HashMap<usize, usize>> {
     LIVE.get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .unwrap_or_else(|p| p.into_inner())
+}
+
+thread_local! {
+    /// `LIVE`'s guard, held by the forking thread across `fork()` so that the
+    /// child never inherits it locked by a thread that is gone.
+    static HELD_FOR_FORK: RefCell<Option<MutexGuard<'static, HashMap<usize, usize>>>> =
+        const { RefCell::new(None) };
+}
+
+extern "C" fn lock_for_fork() {
+    let _ = catch_unwind(|| {
+        let guard = live();
+        HELD_FOR_FORK.with(|h| *h.borrow_mut() = Some(guard));
+    });
+}
+
+extern "C" fn unlock_after_fork() {
+    let _ = catch_unwind(|| HELD_FOR_FORK.with(|h| drop(h.borrow_mut().take())));
+}
+
+/// Holds `LIVE` across every `fork()` (inside it, as `pthread_atfork`
+/// handlers), so a child never inherits it locked by a thread that is gone.
+pub(crate) fn install_fork_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| memshare::sys::at_fork(lock_for_fork, unlock_after_fork, unlock_after_fork));
 }
 
 fn live_len(ptr: *mut c_void) -> Option<usize> {

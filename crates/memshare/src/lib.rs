@@ -34,7 +34,7 @@ pub use queue::Queue;
 /// Environment variable naming the arena that children of this process join.
 pub const ARENA_ENV: &str = "MEMSHARE_ARENA";
 
-fn home_slot() -> &'static Mutex<Option<Arena>> {
+pub(crate) fn home_slot() -> &'static Mutex<Option<Arena>> {
     static HOME: OnceLock<Mutex<Option<Arena>>> = OnceLock::new();
     HOME.get_or_init(|| Mutex::new(None))
 }
@@ -45,7 +45,11 @@ fn home_slot() -> &'static Mutex<Option<Arena>> {
 pub fn home() -> Result<Arena> {
     let mut home = home_slot().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(a) = home.as_ref() {
-        return Ok(a.clone());
+        if a.usable() {
+            return Ok(a.clone());
+        }
+        // Inherited through a fork without memshare's handlers: join the
+        // same arena under a slot of our own.
     }
     let dir = arena::default_dir();
     let inherited = std::env::var(ARENA_ENV)

@@ -444,6 +444,14 @@ pub fn futex_wake(word: &AtomicU32, n: u32) {
     };
 }
 
+/// Registers `pthread_atfork` handlers: `prepare` runs in the forking
+/// thread right before `fork()`, `parent` and `child` right after it.
+pub fn at_fork(prepare: extern "C" fn(), parent: extern "C" fn(), child: extern "C" fn()) {
+    // SAFETY: the handlers are plain functions that live for the whole
+    // process; registration has no other precondition.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+}
+
 /// The size of a memory page.
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.

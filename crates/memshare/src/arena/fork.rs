@@ -1,11 +1,24 @@
-//! Fork handling. Before `fork()` the parent reserves a slot for the child
-//! that already holds the parent's references, locked through a new open
-//! file description the child inherits; the child switches to it.
+//! Fork handling.
+//!
+//! Before `fork()` the parent reserves a slot for the child in every arena,
+//! locked through a new open file description the child inherits, with the
+//! holder bits of every block the parent references (and, until the fork,
+//! of every block it opens or allocates: the child's bits mirror the
+//! parent's). The child switches to that slot.
+//!
+//! Only the forking thread survives in the child, so any process-local lock
+//! another thread held at the instant of fork would stay locked forever
+//! there. `pthread_atfork` handlers therefore take every such lock (the
+//! home arena, the table of attachments, each attachment's local state)
+//! right before the fork and release them on both sides right after it; the
+//! guards wait in a thread-local of the forking thread in between.
 
+use std::cell::RefCell;
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, MutexGuard, Once, Weak};
 
 use super::naming::ctl_path;
-use super::{lock_local, Arena};
+use super::{attached, lock_local, Arena, Inner, Local};
 use crate::error::Result;
 use crate::layout::BlockRef;
 use crate::sys;
@@ -13,8 +26,115 @@ use crate::sys;
 /// A slot reserved for the child of a fork in progress.
 pub(super) struct ForkReservation {
     fd: OwnedFd,
-    slot: u32,
+    pub(super) slot: u32,
     epoch: u32,
+}
+
+/// Every process-local memshare lock, held across a fork.
+struct ForkLocks {
+    // Fields drop in order: the guards before the values they borrow from.
+    locals: Vec<MutexGuard<'static, Local>>,
+    _list: MutexGuard<'static, Vec<Weak<Inner>>>,
+    _home: MutexGuard<'static, Option<Arena>>,
+    _arenas: Vec<Arc<Inner>>,
+}
+
+thread_local! {
+    static HELD: RefCell<Option<ForkLocks>> = const { RefCell::new(None) };
+}
+
+/// Call before `fork()` (it may wait on shared state: without the GIL):
+/// reserves a child slot in every attached arena. Without it, a child of
+/// `fork()` gets no slot: it is detached (it can attach anew).
+pub fn reserve_fork_slots() {
+    for a in Arena::all_attached() {
+        // Failure (e.g. no free slot) leaves the child detached, never broken.
+        let _ = a.prepare_fork();
+    }
+}
+
+/// Takes every process-local lock, in the order the rest of the crate
+/// takes them (home, table, attachments), and keeps the guards for after
+/// the fork. Runs inside `fork()` (a `pthread_atfork` prepare handler) on
+/// the forking thread, so no other code runs between it and the fork: in
+/// particular no Python code that could hand the GIL to a thread that
+/// would then wait for one of these locks. The threads that hold them never
+/// need the GIL to let go.
+fn lock_for_fork() {
+    let home = crate::home_slot().lock().unwrap_or_else(|p| p.into_inner());
+    let list = attached().lock().unwrap_or_else(|p| p.into_inner());
+    let arenas: Vec<Arc<Inner>> = list.iter().filter_map(|w| w.upgrade()).collect();
+    let locals = arenas
+        .iter()
+        .map(|inner| {
+            let g = lock_local(&inner.local);
+            // SAFETY: the guard borrows `inner.local`; the Arc that keeps it
+            // alive is stored beside the guard in `ForkLocks` and dropped
+            // after it (field order), so the borrow never dangles.
+            unsafe { std::mem::transmute::<MutexGuard<'_, Local>, MutexGuard<'static, Local>>(g) }
+        })
+        .collect();
+    let held = ForkLocks {
+        locals,
+        _list: list,
+        _home: home,
+        _arenas: arenas,
+    };
+    HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+extern "C" fn atfork_prepare() {
+    // A panic must not unwind into libc; the after-handlers cope with no guards.
+    let _ = std::panic::catch_unwind(lock_for_fork);
+}
+
+extern "C" fn atfork_parent() {
+    let _ = std::panic::catch_unwind(after_fork_in_parent);
+}
+
+extern "C" fn atfork_child() {
+    let _ = std::panic::catch_unwind(after_fork_in_child);
+}
+
+/// Registers the fork handlers once per process (at the first attach).
+pub(super) fn install_fork_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| sys::at_fork(atfork_prepare, atfork_parent, atfork_child));
+}
+
+/// Runs `f` on every attachment's local state: on the guards held across
+/// the fork, or (when the fork was not prepared by this thread) by locking.
+fn for_each_local(f: impl Fn(&mut Local)) {
+    match HELD.with(|h| h.borrow_mut().take()) {
+        Some(mut held) => {
+            for g in held.locals.iter_mut() {
+                f(g);
+            }
+        }
+        None => {
+            for a in Arena::all_attached() {
+                f(&mut lock_local(&a.inner.local));
+            }
+        }
+    }
+}
+
+/// In the parent after `fork()` (also when it failed).
+fn after_fork_in_parent() {
+    // The child owns the reservations now; if fork failed, their slots are
+    // reclaimed as a dead process's once their descriptors close here.
+    for_each_local(|local| local.fork = None);
+}
+
+/// In the child after `fork()`: switch to the reserved slots.
+fn after_fork_in_child() {
+    for_each_local(|local| match local.fork.take() {
+        Some(f) => local.claimed(f.fd, f.slot, f.epoch),
+        // Not prepared (no free slot, or attached after the reservation):
+        // this process has no slot; the parent's references are not ours
+        // to drop.
+        None => local.forget(),
+    });
 }
 
 impl Arena {
@@ -23,7 +143,7 @@ impl Arena {
     /// that the child inherits.
     pub fn prepare_fork(&self) -> Result<()> {
         let mut local = lock_local(&self.inner.local);
-        if local.detached {
+        if !local.usable() {
             return Ok(());
         }
         let fd = sys::reopen(&ctl_path(&self.inner.dir, &self.inner.token))?;
@@ -38,27 +158,5 @@ impl Arena {
         };
         local.fork = Some(ForkReservation { fd, slot, epoch });
         Ok(())
-    }
-
-    /// Call in the parent after `fork()`: the child owns the reservation now
-    /// (if fork failed, the slot is reclaimed as a dead process's).
-    pub fn after_fork_parent(&self) {
-        lock_local(&self.inner.local).fork = None;
-    }
-
-    /// Call in the child after `fork()`: switch to the reserved slot.
-    pub fn after_fork_child(&self) {
-        let mut local = lock_local(&self.inner.local);
-        if let Some(f) = local.fork.take() {
-            local.fd = f.fd;
-            local.slot = f.slot;
-            local.epoch = f.epoch;
-        } else {
-            // Not prepared (fork without handlers): this process has no slot;
-            // the parent's references are not ours to drop.
-            local.detached = true;
-            local.refs.clear();
-            local.by_ref.clear();
-        }
     }
 }

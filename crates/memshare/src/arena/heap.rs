@@ -207,6 +207,7 @@ impl Txn<'_> {
         self.ctl.next_generation += 1;
         let generation = self.ctl.next_generation;
         let slot = self.local.slot as usize;
+        let child = self.local.fork.as_ref().map(|f| f.slot as usize);
         let h = self.hdr(r)?;
         h.state = BLOCK_LIVE;
         h.generation = generation;
@@ -217,6 +218,10 @@ impl Txn<'_> {
         h.free_prev = BlockRef::NIL;
         h.holders = [0; HOLDER_WORDS];
         h.holders[slot / 64] |= 1 << (slot % 64);
+        // A child about to be forked holds what this process holds.
+        if let Some(c) = child {
+            h.holders[c / 64] |= 1 << (c % 64);
+        }
         let size = h.size;
         self.ctl.bytes_in_use += size;
         self.ctl.live_blocks += 1;

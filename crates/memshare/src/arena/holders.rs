@@ -31,6 +31,10 @@ impl Txn<'_> {
         }
         let slot = self.local.slot;
         self.set_holder(r, slot, false)?;
+        // A child about to be forked holds what this process holds.
+        if let Some(child) = self.local.fork.as_ref().map(|f| f.slot) {
+            self.set_holder(r, child, false)?;
+        }
         if self.unreferenced(r)? {
             self.free_block(r)?;
         }

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::block::Block;
 use super::fork::ForkReservation;
 use super::Arena;
+use crate::error::Error;
 use crate::layout::BlockRef;
-use crate::sys::Mapping;
+use crate::sys::{self, Mapping};
 
 pub(super) struct LocalRef {
     pub(super) bref: BlockRef,
@@ -28,12 +29,19 @@ pub(super) struct Local {
     /// Blocks this process references, keyed by payload address.
     pub(super) refs: BTreeMap<usize, LocalRef>,
     pub(super) by_ref: HashMap<BlockRef, usize>,
+    /// True until a slot is claimed, and after leaving.
     pub(super) detached: bool,
+    /// The process this attachment belongs to. A child forked without
+    /// memshare's fork handlers (a C `fork()`) inherits the attachment, and
+    /// with it the parent's open file description and slot lock: it must
+    /// neither use nor release them.
+    pub(super) pid: u32,
     pub(super) fork: Option<ForkReservation>,
 }
 
 impl Local {
-    /// A fresh attachment through `fd` that has no slot yet.
+    /// A fresh attachment through `fd` that has no slot yet (detached
+    /// until [`Local::claimed`]).
     pub(super) fn new(fd: OwnedFd) -> Local {
         Local {
             fd,
@@ -42,8 +50,46 @@ impl Local {
             segments: Vec::new(),
             refs: BTreeMap::new(),
             by_ref: HashMap::new(),
-            detached: false,
+            detached: true,
+            pid: sys::pid(),
             fork: None,
+        }
+    }
+
+    /// Records the slot this process now holds, locked through `fd`.
+    pub(super) fn claimed(&mut self, fd: OwnedFd, slot: u32, epoch: u32) {
+        self.fd = fd;
+        self.slot = slot;
+        self.epoch = epoch;
+        self.pid = sys::pid();
+        self.detached = false;
+    }
+
+    /// True if this process may use the attachment: it holds a slot, and it
+    /// is the process that claimed it (not a child forked without handlers).
+    pub(super) fn usable(&self) -> bool {
+        !self.detached && self.pid == sys::pid()
+    }
+
+    /// Forgets every reference without touching shared state.
+    pub(super) fn forget(&mut self) {
+        self.detached = true;
+        self.refs.clear();
+        self.by_ref.clear();
+    }
+
+    /// The error for an attachment that is not [`Local::usable`].
+    pub(super) fn unusable_error(&self) -> Error {
+        if !self.detached {
+            Error::StaleHandle(
+                "this process was forked without memshare's fork handlers (a C fork()); \
+                 it cannot use its parent's attachment"
+                    .into(),
+            )
+        } else {
+            Error::StaleHandle(
+                "this process has detached from the arena (interpreter shutting down)".into(),
+            )
         }
     }
 }
@@ -59,7 +105,7 @@ impl Arena {
     /// reference, and the offset of `addr` in it.
     pub fn find(&self, addr: usize, len: usize) -> Option<(Block, usize)> {
         let mut local = lock_local(&self.inner.local);
-        if local.detached {
+        if !local.usable() {
             return None;
         }
         let (&start, entry) = local.refs.range_mut(..=addr).next_back()?;
@@ -103,13 +149,19 @@ impl Arena {
         let (bref, generation) = (e.bref, e.generation);
         local.refs.remove(&addr);
         local.by_ref.remove(&bref);
-        if local.detached {
+        if !local.usable() {
             return;
         }
         if let Ok(mut txn) = self.inner.txn(&mut local) {
             // Errors here mean the arena was removed; nothing left to release.
             let _ = txn.drop_holder(bref, generation);
         };
+    }
+
+    /// True if this process may use this attachment (it holds a slot of its
+    /// own: not detached, not inherited through a fork without handlers).
+    pub fn usable(&self) -> bool {
+        lock_local(&self.inner.local).usable()
     }
 
     /// True if `addr` lies in a segment of this arena mapped by this process.

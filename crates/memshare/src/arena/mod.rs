@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 pub use admin::Stats;
 pub use block::{release_raw, Block, PrivateView};
+pub use fork::reserve_fork_slots;
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
 pub use slots::SlotInfo;
 
@@ -110,9 +111,7 @@ impl Arena {
             let list = attached().lock().unwrap_or_else(|p| p.into_inner());
             for w in list.iter() {
                 if let Some(inner) = w.upgrade() {
-                    if inner.token == token
-                        && inner.dir == dir
-                        && !lock_local(&inner.local).detached
+                    if inner.token == token && inner.dir == dir && lock_local(&inner.local).usable()
                     {
                         return Ok(Arena { inner });
                     }
@@ -175,10 +174,9 @@ impl Arena {
             let mut txn = inner.txn(&mut local)?;
             let (slot, epoch) = txn.claim_slot(&fd)?;
             drop(txn);
-            local.fd = fd;
-            local.slot = slot;
-            local.epoch = epoch;
+            local.claimed(fd, slot, epoch);
         }
+        fork::install_fork_handlers();
         attached()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -202,10 +200,8 @@ impl Arena {
 
     fn with_txn<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<T>) -> Result<T> {
         let mut local = lock_local(&self.inner.local);
-        if local.detached {
-            return Err(Error::StaleHandle(
-                "this process has detached from the arena (interpreter shutting down)".into(),
-            ));
+        if !local.usable() {
+            return Err(local.unusable_error());
         }
         let mut txn = self.inner.txn(&mut local)?;
         f(&mut txn)
@@ -215,10 +211,8 @@ impl Arena {
     pub fn alloc(&self, len: usize, readonly: bool) -> Result<Block> {
         let flags = if readonly { BLOCK_READONLY } else { 0 };
         let mut local = lock_local(&self.inner.local);
-        if local.detached {
-            return Err(Error::StaleHandle(
-                "this process has detached from the arena".into(),
-            ));
+        if !local.usable() {
+            return Err(local.unusable_error());
         }
         let (r, generation, ptr, size) = {
             let mut txn = self.inner.txn(&mut local)?;
@@ -258,10 +252,8 @@ impl Arena {
         }
         h.verify(&self.mac_key())?;
         let mut local = lock_local(&self.inner.local);
-        if local.detached {
-            return Err(Error::StaleHandle(
-                "this process has detached from the arena".into(),
-            ));
+        if !local.usable() {
+            return Err(local.unusable_error());
         }
         let r = BlockRef::new(h.segment, h.offset);
         let (ptr, size, flags) = {
@@ -270,6 +262,10 @@ impl Arena {
             txn.consume_pin(h)?;
             let slot = txn.local.slot;
             txn.set_holder(r, slot, true)?;
+            // A child about to be forked holds what this process holds.
+            if let Some(child) = txn.local.fork.as_ref().map(|f| f.slot) {
+                txn.set_holder(r, child, true)?;
+            }
             (txn.payload_ptr(r)?, size, flags)
         };
         let entry = local.refs.entry(ptr as usize).or_insert(LocalRef {

@@ -70,7 +70,10 @@ impl Inner {
     /// last process, removes the arena's files.
     pub(super) fn leave(&self) -> Result<()> {
         let mut local = lock_local(&self.local);
-        if local.detached {
+        if !local.usable() {
+            // No slot, or a child forked without handlers whose inherited
+            // slot lock is its parent's: nothing here is ours to release.
+            local.forget();
             return Ok(());
         }
         let refs: Vec<(BlockRef, u64)> = local
@@ -84,7 +87,9 @@ impl Inner {
             for (r, generation) in refs {
                 txn.drop_holder(r, generation)?;
             }
-            txn.ctl.slots[slot as usize].state = SLOT_FREE;
+            if let Some(s) = txn.ctl.slots.get_mut(slot as usize) {
+                s.state = SLOT_FREE;
+            }
             sys::ofd_unlock(&txn.local.fd, slot_lock_offset(slot), 1);
             // Last one out: nobody holds a slot lock any more.
             if sys::ofd_lock(&txn.local.fd, SLOT_LOCK_BASE, MAX_PROCS as u64, false)? {
@@ -97,9 +102,7 @@ impl Inner {
             }
             Ok(())
         })();
-        local.detached = true;
-        local.refs.clear();
-        local.by_ref.clear();
+        local.forget();
         result
     }
 }
