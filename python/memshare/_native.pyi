@@ -1,7 +1,8 @@
 """Type stubs for memshare._native, the PyO3 bindings of the Rust core."""
 
-from collections.abc import Buffer
+from collections.abc import Buffer, Callable
 from os import PathLike
+from typing import Any
 
 HANDLE_LEN: int
 __version__: str
@@ -59,6 +60,9 @@ def list_arenas(dir: str | PathLike[str] | None = None) -> list[dict[str, object
 def before_fork() -> None: ...
 def shutdown() -> None: ...
 def panic_count() -> int: ...
+def _debug_hold_arena_lock() -> None: ...
+def _debug_release_arena_lock() -> None: ...
+def call_with_timeout(timeout: float, f: Callable[..., Any], *args: Any) -> Any: ...
 
 # --- the queue (crates/memshare-python/src/queue.rs) ---
 

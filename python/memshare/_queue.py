@@ -12,6 +12,8 @@ See ``docs/queue.md`` for the delivery guarantee when processes are killed.
 
 from __future__ import annotations
 
+import queue
+import time
 from typing import Any
 
 import numpy as np
@@ -115,7 +117,17 @@ class Queue:
         are copied into shared memory once.
         """
         self._check_closed()
-        self._q.put(_encode(obj), _timeout(block, timeout))
+        t = _timeout(block, timeout)
+        if t is None:
+            self._q.put(_encode(obj), None)
+            return
+        # Sharing the payload waits for the arena's lock: within the timeout.
+        deadline = time.monotonic() + t
+        try:
+            data = _native.call_with_timeout(t, _encode, obj)
+        except TimeoutError:
+            raise queue.Full from None
+        self._q.put(data, max(0.0, deadline - time.monotonic()))
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Removes and returns an object from the queue.

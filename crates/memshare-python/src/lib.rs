@@ -6,12 +6,17 @@ mod numpy_hook;
 mod queue;
 
 use std::ffi::c_int;
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use memshare::arena::{self, Arena};
 use memshare::{ArrayMeta, Block, Error, Handle};
-use pyo3::exceptions::{PyBufferError, PyMemoryError, PyOSError, PyPermissionError, PyValueError};
+use pyo3::exceptions::{
+    PyBufferError, PyMemoryError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError,
+    PyValueError,
+};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -53,7 +58,7 @@ pub fn to_pyerr(e: Error) -> PyErr {
         Error::InvalidHandle(_) => HandleError::new_err(msg),
         Error::Corrupt { .. } => CorruptSegmentError::new_err(msg),
         Error::InvalidArgument(_) | Error::Closed => PyValueError::new_err(msg),
-        Error::TooManyProcesses { .. } => PyOSError::new_err(msg),
+        Error::TooManyProcesses { .. } => SharedMemoryError::new_err(msg),
         Error::Full => {
             Python::attach(
                 |py| match py.import("queue").and_then(|q| q.getattr("Full")) {
@@ -72,12 +77,62 @@ pub fn to_pyerr(e: Error) -> PyErr {
                 },
             )
         }
+        Error::Busy(_) => PyTimeoutError::new_err(msg),
         Error::Io { .. } => PyOSError::new_err(msg),
     }
 }
 
-fn home() -> PyResult<Arena> {
-    memshare::home().map_err(to_pyerr)
+/// Runs a call into the core, turning a Rust panic (always a bug) into a
+/// memshare error: a `PanicException` is a `BaseException` that
+/// `except Exception` does not catch.
+pub fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(PyRuntimeError::new_err(format!(
+                "memshare: internal error (a bug; please report it): {what}"
+            )))
+        }
+    }
+}
+
+/// Runs `f` without the GIL if this thread holds it (callers that may be
+/// reached with or without it, such as numpy's allocator and deallocation).
+pub fn without_gil<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    // SAFETY: PyGILState_Check only reads the calling thread's state.
+    if unsafe { ffi::PyGILState_Check() } == 1 {
+        Python::attach(|py| py.detach(f))
+    } else {
+        f()
+    }
+}
+
+/// This process's arena (attaching or creating it may wait on shared state:
+/// never with the GIL).
+pub(crate) fn home(py: Python<'_>) -> PyResult<Arena> {
+    let arena = py.detach(|| guarded(|| memshare::home().map_err(to_pyerr)))?;
+    export_home(py, &arena)?;
+    Ok(arena)
+}
+
+/// Names the home arena in `MEMSHARE_ARENA` (through `os.environ`, under the
+/// GIL), so that the children this process starts join it.
+fn export_home(py: Python<'_>, arena: &Arena) -> PyResult<()> {
+    // Only touched with the GIL held, so never contended (also not at fork).
+    static EXPORTED: Mutex<Option<[u8; 16]>> = Mutex::new(None);
+    let mut exported = EXPORTED.lock().unwrap_or_else(|p| p.into_inner());
+    if *exported != Some(arena.token()) {
+        py.import("os")?
+            .getattr("environ")?
+            .set_item(memshare::ARENA_ENV, arena::hex(&arena.token()))?;
+        *exported = Some(arena.token());
+    }
+    Ok(())
 }
 
 /// One reference to a block of shared memory. Exposes the block through the
@@ -85,7 +140,26 @@ fn home() -> PyResult<Arena> {
 /// last reference in the last process frees the memory.
 #[pyclass(frozen, module = "memshare._native", name = "Block")]
 pub struct PyBlock {
-    pub block: Block,
+    /// Dropped in `Drop` without the GIL (dropping may wait on the arena lock).
+    pub block: ManuallyDrop<Block>,
+}
+
+impl PyBlock {
+    pub fn new(block: Block) -> PyBlock {
+        PyBlock {
+            block: ManuallyDrop::new(block),
+        }
+    }
+}
+
+impl Drop for PyBlock {
+    fn drop(&mut self) {
+        // SAFETY: `self.block` is never used again after this.
+        let block = unsafe { ManuallyDrop::take(&mut self.block) };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            without_gil(move || drop(block))
+        }));
+    }
 }
 
 #[pymethods]
@@ -115,11 +189,12 @@ impl PyBlock {
         py: Python<'py>,
         owner: Option<&PyBlock>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let h = match owner {
-            Some(o) => self.block.handle_owned_by(&o.block),
-            None => self.block.handle(),
-        }
-        .map_err(to_pyerr)?;
+        let h = py
+            .detach(|| match owner {
+                Some(o) => self.block.handle_owned_by(&o.block),
+                None => self.block.handle(),
+            })
+            .map_err(to_pyerr)?;
         Ok(PyBytes::new(py, &h.to_bytes()))
     }
 
@@ -144,11 +219,12 @@ impl PyBlock {
             offset,
         };
         meta.check_bounds(self.block.len()).map_err(to_pyerr)?;
-        let h = match owner {
-            Some(o) => self.block.handle_owned_by(&o.block),
-            None => self.block.handle(),
-        }
-        .map_err(to_pyerr)?;
+        let h = py
+            .detach(|| match owner {
+                Some(o) => self.block.handle_owned_by(&o.block),
+                None => self.block.handle(),
+            })
+            .map_err(to_pyerr)?;
         Ok(PyBytes::new(py, &meta.encode(&h)))
     }
 
@@ -270,7 +346,7 @@ impl PyPrivateView {
 #[pyfunction]
 #[pyo3(signature = (nbytes, readonly=false, zero=false))]
 fn alloc(py: Python<'_>, nbytes: usize, readonly: bool, zero: bool) -> PyResult<PyBlock> {
-    let arena = home()?;
+    let arena = home(py)?;
     let block = py
         .detach(|| arena.alloc(nbytes, readonly))
         .map_err(to_pyerr)?;
@@ -279,7 +355,7 @@ fn alloc(py: Python<'_>, nbytes: usize, readonly: bool, zero: bool) -> PyResult<
         // SAFETY: the block was just allocated and nobody else references it.
         py.detach(|| unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, len) });
     }
-    Ok(PyBlock { block })
+    Ok(PyBlock::new(block))
 }
 
 /// Copies a C-contiguous byte buffer into the start of a freshly allocated
@@ -316,7 +392,7 @@ fn copy_into(py: Python<'_>, block: &PyBlock, src: &Bound<'_, PyAny>) -> PyResul
 fn open_handle(py: Python<'_>, handle: &[u8]) -> PyResult<PyBlock> {
     let h = Handle::from_bytes(handle).map_err(to_pyerr)?;
     let block = py.detach(|| memshare::open(&h)).map_err(to_pyerr)?;
-    Ok(PyBlock { block })
+    Ok(PyBlock::new(block))
 }
 
 /// Opens an array message: (block, dtype, itemsize, shape, strides, offset),
@@ -331,7 +407,7 @@ fn open_array(
     let block = py.detach(|| memshare::open(&h)).map_err(to_pyerr)?;
     meta.check_bounds(block.len()).map_err(to_pyerr)?;
     Ok((
-        PyBlock { block },
+        PyBlock::new(block),
         meta.dtype,
         meta.itemsize,
         meta.shape,
@@ -343,11 +419,13 @@ fn open_array(
 /// The shared block holding `[address, address + nbytes)` in this process,
 /// with the offset of `address` in it, or None if that memory is not shared.
 #[pyfunction]
-fn find(address: usize, nbytes: usize) -> Option<(PyBlock, usize)> {
-    Arena::all_attached()
-        .into_iter()
-        .find_map(|a| a.find(address, nbytes))
-        .map(|(block, off)| (PyBlock { block }, off))
+fn find(py: Python<'_>, address: usize, nbytes: usize) -> Option<(PyBlock, usize)> {
+    py.detach(|| {
+        Arena::all_attached()
+            .into_iter()
+            .find_map(|a| a.find(address, nbytes))
+    })
+    .map(|(block, off)| (PyBlock::new(block), off))
 }
 
 fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, PyDict>> {
@@ -372,30 +450,31 @@ fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, P
 /// Usage of this process's arena, counting the blocks of every process.
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let s = home()?.stats().map_err(to_pyerr)?;
+    let arena = home(py)?;
+    let s = py.detach(|| arena.stats()).map_err(to_pyerr)?;
     stats_dict(py, s)
 }
 
 /// Sets the arena's byte limit (None: no limit but the file system's).
 #[pyfunction]
 #[pyo3(signature = (limit))]
-fn set_limit(limit: Option<u64>) -> PyResult<()> {
-    home()?
-        .set_limit(limit.unwrap_or(u64::MAX))
+fn set_limit(py: Python<'_>, limit: Option<u64>) -> PyResult<()> {
+    let arena = home(py)?;
+    py.detach(|| arena.set_limit(limit.unwrap_or(u64::MAX)))
         .map_err(to_pyerr)
 }
 
 /// Releases what dead processes held; True if any were found.
 #[pyfunction]
 fn reap(py: Python<'_>) -> PyResult<bool> {
-    let arena = home()?;
+    let arena = home(py)?;
     py.detach(|| arena.reap()).map_err(to_pyerr)
 }
 
 /// The token naming this process's arena (exported as MEMSHARE_ARENA).
 #[pyfunction]
-fn arena_token() -> PyResult<String> {
-    Ok(arena::hex(&home()?.token()))
+fn arena_token(py: Python<'_>) -> PyResult<String> {
+    Ok(arena::hex(&home(py)?.token()))
 }
 
 /// The directory holding segments.
@@ -407,8 +486,9 @@ fn shm_dir() -> PathBuf {
 /// Removes arenas in `dir` whose every process is dead; returns their tokens.
 #[pyfunction]
 #[pyo3(signature = (dir=None, dry_run=false))]
-fn collect_garbage(dir: Option<PathBuf>, dry_run: bool) -> PyResult<Vec<String>> {
-    Arena::collect_garbage(&dir.unwrap_or_else(arena::default_dir), dry_run).map_err(to_pyerr)
+fn collect_garbage(py: Python<'_>, dir: Option<PathBuf>, dry_run: bool) -> PyResult<Vec<String>> {
+    let dir = dir.unwrap_or_else(arena::default_dir);
+    py.detach(|| guarded(|| Arena::collect_garbage(&dir, dry_run).map_err(to_pyerr)))
 }
 
 /// Describes every arena in `dir` for `memshare ls`, without attaching.
@@ -421,7 +501,7 @@ fn list_arenas(py: Python<'_>, dir: Option<PathBuf>) -> PyResult<Vec<Bound<'_, P
         let d = PyDict::new(py);
         d.set_item("token", arena::hex(&token))?;
         d.set_item("path", arena::ctl_path(&dir, &token))?;
-        match Arena::inspect(&dir, token) {
+        match py.detach(|| Arena::inspect(&dir, token)) {
             Ok((s, slots)) => {
                 let d2 = stats_dict(py, s)?;
                 d.update(d2.as_mapping())?;
@@ -449,11 +529,14 @@ fn before_fork(py: Python<'_>) {
 
 /// Detaches from every arena (at interpreter exit).
 #[pyfunction]
-fn shutdown() {
-    memshare::clear_home();
-    for a in Arena::all_attached() {
-        let _ = a.detach();
-    }
+fn shutdown(py: Python<'_>) {
+    let home = memshare::clear_home();
+    py.detach(move || {
+        drop(home);
+        for a in Arena::all_attached() {
+            let _ = a.detach();
+        }
+    });
 }
 
 /// Rust panics seen in this process. A panic is a bug: tests assert none.
@@ -468,6 +551,35 @@ fn count_panics() {
     }));
 }
 
+/// Calls `f(*args)` with every wait of this thread for an arena's lock
+/// bounded by `timeout` seconds (past it, they raise `TimeoutError`).
+#[pyfunction]
+#[pyo3(signature = (timeout, f, *args))]
+fn call_with_timeout(
+    timeout: f64,
+    f: &Bound<'_, PyAny>,
+    args: &Bound<'_, pyo3::types::PyTuple>,
+) -> PyResult<Py<PyAny>> {
+    let t = std::time::Duration::try_from_secs_f64(timeout.max(0.0))
+        .map_err(|_| PyValueError::new_err("timeout must be a finite number of seconds"))?;
+    let deadline = std::time::Instant::now().checked_add(t);
+    arena::with_deadline(deadline, || f.call1(args).map(|r| r.unbind()))
+}
+
+/// For tests: takes this process's arena lock and keeps it (a peer that
+/// then stops while holding it).
+#[pyfunction]
+fn _debug_hold_arena_lock(py: Python<'_>) -> PyResult<()> {
+    home(py)?.hold_lock().map_err(to_pyerr)
+}
+
+/// For tests: releases the lock taken by `_debug_hold_arena_lock` (same thread).
+#[pyfunction]
+fn _debug_release_arena_lock(py: Python<'_>) -> PyResult<()> {
+    home(py)?.release_held_lock();
+    Ok(())
+}
+
 /// How many Rust panics happened in this process (tests assert none).
 #[pyfunction]
 fn panic_count() -> u64 {
@@ -480,6 +592,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     count_panics();
     numpy_hook::install_fork_handlers();
     m.add_function(wrap_pyfunction!(panic_count, m)?)?;
+    m.add_function(wrap_pyfunction!(call_with_timeout, m)?)?;
+    m.add_function(wrap_pyfunction!(_debug_hold_arena_lock, m)?)?;
+    m.add_function(wrap_pyfunction!(_debug_release_arena_lock, m)?)?;
     m.add_class::<PyBlock>()?;
     m.add_class::<PyPrivateView>()?;
     m.add("HandleError", py.get_type::<HandleError>())?;

@@ -165,12 +165,16 @@ fn take_live(ptr: *mut c_void) -> Option<usize> {
 
 /// A block of at least `size` bytes from the home arena, or None.
 fn arena_alloc(size: usize) -> Option<*mut c_void> {
+    // The arena's lock may be busy (a stopped peer): never wait with the GIL.
     let r = catch_unwind(|| {
-        let arena = memshare::home().ok()?;
-        let block = arena.alloc(size, false).ok()?;
-        let p = block.into_raw();
-        prefault(p, size);
-        Some(p)
+        crate::without_gil(|| {
+            let arena = memshare::home().ok()?;
+            let block = arena.alloc(size, false).ok()?;
+            let p = block.into_raw();
+            prefault(p, size);
+            Some(p as usize)
+        })
+        .map(|p| p as *mut u8)
     });
     match r {
         Ok(Some(p)) => {
@@ -193,7 +197,8 @@ fn arena_release(ptr: *mut c_void) {
     // The block's reference is dropped in whichever attached arena holds it.
     // If the process already detached (interpreter exit), release_raw finds no
     // arena and the memory stays mapped: it must not go to libc either way.
-    let _ = catch_unwind(|| memshare::release_raw(ptr.cast()));
+    let addr = ptr as usize;
+    let _ = catch_unwind(|| crate::without_gil(|| memshare::release_raw(addr as *mut u8)));
 }
 
 fn small_malloc(size: usize) -> *mut c_void {
@@ -413,6 +418,9 @@ fn numpy_allocator(py: Python<'_>, threshold: usize) -> PyResult<Py<PyAny>> {
         return Err(PyValueError::new_err("threshold must be at least 1 byte"));
     }
     numpy_api(py)?; // learn numpy's default handler before any allocation
+                    // Choose (and export) the arena now, under the GIL, not inside malloc;
+                    // if that fails, allocations fall back to private memory as usual.
+    let _ = crate::home(py);
     let ptr = Box::into_raw(new_handler_box(threshold));
     // SAFETY: `ptr` is a valid HandlerBox whose first field is the handler;
     // the capsule owns it and frees it in `destroy_capsule`.

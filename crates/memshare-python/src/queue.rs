@@ -1,8 +1,9 @@
 //! `memshare._native.Queue`: the shared-memory queue of the core crate, with
 //! byte messages. `memshare._queue` pickles objects into those messages.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use memshare::arena::with_deadline;
 use memshare::queue::Queue;
 use memshare::{Block, Error, Handle};
 use pyo3::exceptions::PyValueError;
@@ -70,19 +71,31 @@ impl PyQueue {
     #[pyo3(signature = (data, timeout=None))]
     fn put(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
         let t = timeout_of(timeout)?;
+        // The timeout bounds the wait for the arena's lock too (a stopped
+        // peer may hold it): past it, the put is Full like any other.
+        let deadline = t.and_then(|t| Instant::now().checked_add(t));
+        let bounded = |f: &dyn Fn() -> Result<(), Error>| match with_deadline(deadline, f) {
+            Err(Error::Busy(_)) => Err(Error::Full),
+            r => r,
+        };
         // Small messages are tried once without releasing the GIL (no wait,
         // no bulk copy); anything that may block or copy much releases it.
         if data.len() > self.q.inline_size() {
             return py
-                .detach(|| self.q.put_message(data, t, true))
+                .detach(|| bounded(&|| self.q.put_message(data, t, true)))
                 .map_err(to_pyerr);
         }
-        let prepared = self.q.prepare(data, true).map_err(to_pyerr)?;
+        let prepared = py
+            .detach(|| with_deadline(deadline, || self.q.prepare(data, true)))
+            .map_err(|e| match e {
+                Error::Busy(_) => to_pyerr(Error::Full),
+                e => to_pyerr(e),
+            })?;
         match self.q.put_prepared(data, &prepared, Some(Duration::ZERO)) {
             Err(Error::Full) if t != Some(Duration::ZERO) => {}
             r => return r.map_err(to_pyerr),
         }
-        py.detach(|| self.q.put_prepared(data, &prepared, t))
+        py.detach(|| bounded(&|| self.q.put_prepared(data, &prepared, t)))
             .map_err(to_pyerr)
     }
 
@@ -96,9 +109,21 @@ impl PyQueue {
         timeout: Option<f64>,
     ) -> PyResult<(Bound<'py, PyBytes>, Option<MessageRefs>)> {
         let t = timeout_of(timeout)?;
-        let msg = match self.q.get_message(Some(Duration::ZERO)) {
+        // The timeout bounds the wait for the arena's lock too (opening the
+        // handles of a message takes it): past it, the get is Empty.
+        let deadline = t.and_then(|t| Instant::now().checked_add(t));
+        let bounded =
+            |t: Option<Duration>, deadline: Option<Instant>| match with_deadline(deadline, || {
+                self.q.get_message(t)
+            }) {
+                Err(Error::Busy(_)) => Err(Error::Empty),
+                r => r,
+            };
+        // First a try that waits for nothing, not even the arena's lock, so
+        // it may keep the GIL; then a wait without it.
+        let msg = match bounded(Some(Duration::ZERO), Some(Instant::now())) {
             Err(Error::Empty) if t != Some(Duration::ZERO) => {
-                py.detach(|| self.q.get_message(t)).map_err(to_pyerr)?
+                py.detach(|| bounded(t, deadline)).map_err(to_pyerr)?
             }
             r => r.map_err(to_pyerr)?,
         };

@@ -79,6 +79,11 @@ pub enum Error {
     #[error("memshare: {0}")]
     InvalidArgument(String),
 
+    /// The arena's lock was not free within the time allowed: another
+    /// process holds it (stopped by SIGSTOP, a debugger or a frozen container?).
+    #[error("memshare: arena {0} is busy: another process has held its lock for too long (is one stopped?); try again, or resume or kill that process")]
+    Busy(String),
+
     #[error("memshare: queue is full")]
     Full,
 

@@ -34,6 +34,9 @@ pub use queue::Queue;
 /// Environment variable naming the arena that children of this process join.
 pub const ARENA_ENV: &str = "MEMSHARE_ARENA";
 
+/// How long start-up clean-up waits for each other arena's lock.
+const STARTUP_GC_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub(crate) fn home_slot() -> &'static Mutex<Option<Arena>> {
     static HOME: OnceLock<Mutex<Option<Arena>>> = OnceLock::new();
     HOME.get_or_init(|| Mutex::new(None))
@@ -41,7 +44,10 @@ pub(crate) fn home_slot() -> &'static Mutex<Option<Arena>> {
 
 /// This process's arena for new allocations: the one named by
 /// `MEMSHARE_ARENA` if it can be attached (so a process tree shares one
-/// arena), else a new one, whose name is exported for child processes.
+/// arena), else a new one. The caller exports its name in `MEMSHARE_ARENA`
+/// for child processes (this function may run inside an allocator hook,
+/// where changing the environment is not safe; the Python bindings export it
+/// under the GIL).
 pub fn home() -> Result<Arena> {
     let mut home = home_slot().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(a) = home.as_ref() {
@@ -59,10 +65,9 @@ pub fn home() -> Result<Arena> {
         Some(Ok(a)) => a,
         _ => {
             // A new process tree starts: first remove what crashed trees left.
-            let _ = Arena::collect_garbage(&dir, false);
-            let a = Arena::create(&dir)?;
-            std::env::set_var(ARENA_ENV, arena::hex(&a.token()));
-            a
+            // Bounded per arena: one stopped program never blocks another.
+            let _ = Arena::collect_garbage_within(&dir, false, STARTUP_GC_WAIT);
+            Arena::create(&dir)?
         }
     };
     *home = Some(a.clone());

@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::AtomicU32;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -36,17 +36,58 @@ fn open_error(path: &Path, err: io::Error) -> Error {
 /// `size` bytes of backing store up front, so that a full tmpfs gives a clear
 /// error here instead of SIGBUS on first touch later.
 pub fn create_file(path: &Path, size: u64) -> Result<OwnedFd> {
-    let c = cpath(path)?;
-    // SAFETY: `c` is a valid NUL-terminated path; open has no other preconditions.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-            0o600,
+    create_at(path, size, libc::O_CREAT | libc::O_EXCL)?.ok_or_else(|| Error::Io {
+        context: format!("creating {}", path.display()),
+        source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+    })
+}
+
+/// Creates an unnamed file of `size` bytes in directory `dir` (`O_TMPFILE`,
+/// 0600), to be named with [`link_unnamed`] once it is ready: nobody can see
+/// it half made. None if the file system does not support unnamed files.
+pub fn create_unnamed(dir: &Path, size: u64) -> Result<Option<OwnedFd>> {
+    create_at(dir, size, libc::O_TMPFILE)
+}
+
+/// Gives the unnamed file `fd` (from [`create_unnamed`]) the name `path`.
+pub fn link_unnamed(fd: &OwnedFd, path: &Path) -> Result<()> {
+    let from = cpath(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))?;
+    let to = cpath(path)?;
+    // SAFETY: both paths are valid NUL-terminated strings; linkat has no
+    // other preconditions.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
         )
     };
-    if fd < 0 {
+    if rc != 0 {
         return Err(open_error(path, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Opens `path` with `flags` (`O_CREAT|O_EXCL`, or `O_TMPFILE` on a
+/// directory) and reserves `size` bytes. None: `O_TMPFILE` is not supported.
+fn create_at(path: &Path, size: u64, flags: libc::c_int) -> Result<Option<OwnedFd>> {
+    let c = cpath(path)?;
+    let unnamed = flags & libc::O_TMPFILE == libc::O_TMPFILE;
+    // SAFETY: `c` is a valid NUL-terminated path; open has no other preconditions.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | flags, 0o600) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        if unnamed
+            && matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            )
+        {
+            return Ok(None);
+        }
+        return Err(open_error(path, e));
     }
     // SAFETY: `fd` was just returned by open and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -56,15 +97,17 @@ pub fn create_file(path: &Path, size: u64) -> Result<OwnedFd> {
     // SAFETY: valid fd; posix_fallocate reports errors through its return value.
     let rc = unsafe { libc::posix_fallocate(fd.as_raw_fd(), 0, size as libc::off_t) };
     if rc != 0 {
-        // SAFETY: `c` is a valid path; removing the half-made file is best effort.
-        unsafe { libc::unlink(c.as_ptr()) };
+        let dir = if unnamed {
+            path
+        } else {
+            // SAFETY: `c` is a valid path; removing the half-made file is best effort.
+            unsafe { libc::unlink(c.as_ptr()) };
+            path.parent().unwrap_or(Path::new("/"))
+        };
         if rc == libc::ENOSPC || rc == libc::EFBIG {
-            let (total, avail) = space(path.parent().unwrap_or(Path::new("/")));
+            let (total, avail) = space(dir);
             return Err(Error::NoSpace {
-                dir: path
-                    .parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
+                dir: dir.display().to_string(),
                 requested: size,
                 available: avail,
                 total,
@@ -75,7 +118,7 @@ pub fn create_file(path: &Path, size: u64) -> Result<OwnedFd> {
             source: io::Error::from_raw_os_error(rc),
         });
     }
-    Ok(fd)
+    Ok(Some(fd))
 }
 
 /// Opens an existing shared file read-write.
@@ -387,6 +430,43 @@ impl RobustMutex {
                 // repairs the guarded data before unlocking.
                 unsafe { libc::pthread_mutex_consistent(self.ptr) };
                 Ok(LockState::OwnerDied)
+            }
+            _ => Err(Error::Io {
+                context: "locking the arena mutex".into(),
+                source: io::Error::from_raw_os_error(rc),
+            }),
+        }
+    }
+
+    /// Like [`RobustMutex::lock`], but gives up at `deadline` (None: waits
+    /// forever) and returns None then.
+    pub fn lock_until(&self, deadline: Option<Instant>) -> Result<Option<LockState>> {
+        let Some(deadline) = deadline else {
+            return self.lock().map(Some);
+        };
+        // pthread_mutex_timedlock takes an absolute CLOCK_REALTIME time.
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: an all-zero timespec is valid to be overwritten.
+        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer; CLOCK_REALTIME always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+        let total_ns = now.tv_nsec as u64 + left.subsec_nanos() as u64;
+        let abs = libc::timespec {
+            tv_sec: now.tv_sec
+                + left.as_secs().min(i32::MAX as u64) as libc::time_t
+                + (total_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (total_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: `self.ptr` points to an initialised process-shared mutex;
+        // `abs` is a valid timespec.
+        let rc = unsafe { libc::pthread_mutex_timedlock(self.ptr, &abs) };
+        match rc {
+            0 => Ok(Some(LockState::Clean)),
+            libc::ETIMEDOUT => Ok(None),
+            libc::EOWNERDEAD => {
+                // SAFETY: as in `lock`: EOWNERDEAD grants the mutex.
+                unsafe { libc::pthread_mutex_consistent(self.ptr) };
+                Ok(Some(LockState::OwnerDied))
             }
             _ => Err(Error::Io {
                 context: "locking the arena mutex".into(),

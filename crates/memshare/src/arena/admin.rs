@@ -2,6 +2,7 @@
 //! and `memshare gc` (remove the files of arenas whose every process died).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::naming::{ctl_path, hex, parse_hex};
 use super::slots::{slot_lock_offset, SlotInfo};
@@ -10,6 +11,9 @@ use super::Arena;
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::sys::{self, RobustMutex};
+
+/// How long `memshare ls` and `gc` wait for one arena's lock.
+const ADMIN_WAIT: Duration = Duration::from_secs(1);
 
 /// Usage figures of an arena, counting the blocks of every attached process.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,8 +66,30 @@ impl Arena {
         self.with_txn(|txn| txn.reap())
     }
 
+    /// Takes the arena's lock and keeps it until [`Arena::release_held_lock`]
+    /// (for tests of a peer that stops while holding it).
+    #[doc(hidden)]
+    pub fn hold_lock(&self) -> Result<()> {
+        // SAFETY: the mutex lies inside this attachment's control mapping.
+        let mutex = unsafe {
+            RobustMutex::from_ptr(std::ptr::addr_of_mut!((*self.inner.ctl_ptr()).mutex).cast())
+        };
+        mutex.lock().map(drop)
+    }
+
+    /// Releases the lock taken by [`Arena::hold_lock`] on this thread.
+    #[doc(hidden)]
+    pub fn release_held_lock(&self) {
+        // SAFETY: as in `hold_lock`.
+        let mutex = unsafe {
+            RobustMutex::from_ptr(std::ptr::addr_of_mut!((*self.inner.ctl_ptr()).mutex).cast())
+        };
+        mutex.unlock();
+    }
+
     /// Reads an arena's figures and process slots without attaching to it
-    /// (for `memshare ls`): nothing is changed, no slot is taken.
+    /// (for `memshare ls`): nothing is changed, no slot is taken. Waits at
+    /// most `ADMIN_WAIT` for the arena's lock ([`Error::Busy`] then).
     pub fn inspect(dir: &Path, token: [u8; 16]) -> Result<(Stats, Vec<SlotInfo>)> {
         let path = ctl_path(dir, &token);
         let fd = sys::open_file(&path)?;
@@ -72,7 +98,12 @@ impl Arena {
         // SAFETY: the mutex lies inside the validated control mapping.
         let mutex =
             unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
-        mutex.lock()?;
+        if mutex
+            .lock_until(Some(Instant::now() + ADMIN_WAIT))?
+            .is_none()
+        {
+            return Err(Error::Busy(hex(&token)));
+        }
         // SAFETY: we hold the arena mutex; we only read.
         let ctl = unsafe { &*ctl_ptr };
         let stats = Stats::of(ctl);
@@ -103,8 +134,19 @@ impl Arena {
     }
 
     /// Removes the files of arenas in `dir` whose every process is dead.
-    /// Returns the tokens removed (or that would be, with `dry_run`).
+    /// Returns the tokens removed (or that would be, with `dry_run`). An
+    /// arena whose lock stays busy for `ADMIN_WAIT` has a live holder (a dead
+    /// one frees it at once): it is skipped.
     pub fn collect_garbage(dir: &Path, dry_run: bool) -> Result<Vec<String>> {
+        Self::collect_garbage_within(dir, dry_run, ADMIN_WAIT)
+    }
+
+    /// [`Arena::collect_garbage`], waiting at most `wait` for each arena.
+    pub fn collect_garbage_within(
+        dir: &Path,
+        dry_run: bool,
+        wait: Duration,
+    ) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         let Ok(entries) = std::fs::read_dir(dir) else {
             return Ok(removed);
@@ -132,8 +174,14 @@ impl Arena {
                             std::ptr::addr_of_mut!((*(map.ptr() as *mut CtlHeader)).mutex).cast(),
                         )
                     };
-                    mutex.lock()?;
-                    let dead = sys::ofd_lock(&fd, SLOT_LOCK_BASE, MAX_PROCS as u64, false)?;
+                    if mutex.lock_until(Some(Instant::now() + wait))?.is_none() {
+                        continue; // held by a live (maybe stopped) process
+                    }
+                    let dead = sys::ofd_lock(&fd, SLOT_LOCK_BASE, MAX_PROCS as u64, false);
+                    let Ok(dead) = dead else {
+                        mutex.unlock();
+                        continue;
+                    };
                     if dead && !dry_run {
                         // SAFETY: we hold the arena mutex.
                         unsafe { (*(map.ptr() as *mut CtlHeader)).magic = 0 };

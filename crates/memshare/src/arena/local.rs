@@ -59,6 +59,11 @@ impl Local {
     /// Records the slot this process now holds, locked through `fd`.
     pub(super) fn claimed(&mut self, fd: OwnedFd, slot: u32, epoch: u32) {
         self.fd = fd;
+        self.claimed_here(slot, epoch);
+    }
+
+    /// Records the slot this process now holds, locked through `self.fd`.
+    pub(super) fn claimed_here(&mut self, slot: u32, epoch: u32) {
         self.slot = slot;
         self.epoch = epoch;
         self.pid = sys::pid();

@@ -42,6 +42,7 @@ pub use block::{release_raw, Block, PrivateView};
 pub use fork::reserve_fork_slots;
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
 pub use slots::SlotInfo;
+pub use txn::with_deadline;
 
 use crate::error::{Error, Result};
 use crate::handle::Handle;
@@ -78,7 +79,13 @@ impl Arena {
         let mut mac_key = [0u8; 16];
         sys::random_bytes(&mut mac_key)?;
         let path = ctl_path(dir, &token);
-        let fd = sys::create_file(&path, CTL_SIZE)?;
+        // Made unnamed and named only when complete, with this process's slot
+        // locked: another program's start-up clean-up never sees a half-made
+        // arena (no magic, or no live slot) and judges it dead.
+        let (fd, unnamed) = match sys::create_unnamed(dir, CTL_SIZE)? {
+            Some(fd) => (fd, true),
+            None => (sys::create_file(&path, CTL_SIZE)?, false),
+        };
         let map = Mapping::new(&fd, CTL_SIZE as usize)?;
         let ctl_ptr = map.ptr() as *mut CtlHeader;
         // SAFETY: fresh zero-filled mapping of CTL_SIZE bytes that no other
@@ -100,9 +107,43 @@ impl Arena {
         // SAFETY: the mutex field is inside the mapping and 64-byte aligned.
         let mutex = unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!(ctl.mutex).cast()) };
         mutex.init()?;
+        // Slot 0 is ours, locked through our own open file description.
+        let (slot, epoch) = (0, 1);
+        ctl.slots[slot as usize] = ProcSlot {
+            state: SLOT_ALIVE,
+            epoch,
+            pid: sys::pid(),
+            _reserved: 0,
+        };
+        if !sys::ofd_lock(&fd, slots::slot_lock_offset(slot), 1, false)? {
+            return Err(Error::StaleHandle(
+                "the new arena is locked by another process".into(),
+            ));
+        }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         ctl.magic = CTL_MAGIC;
-        Self::finish_attach(dir, token, fd, map)
+        if unnamed {
+            sys::link_unnamed(&fd, &path)?;
+        }
+        let mut local = Local::new(fd);
+        local.claimed_here(slot, epoch);
+        Ok(Self::register(dir, token, map, local))
+    }
+
+    /// Records a new attachment in the process-wide table.
+    fn register(dir: &Path, token: [u8; 16], ctl: Mapping, local: Local) -> Arena {
+        let inner = Arc::new(Inner {
+            token,
+            dir: dir.to_path_buf(),
+            ctl,
+            local: Mutex::new(local),
+        });
+        fork::install_fork_handlers();
+        attached()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&inner));
+        Arena { inner }
     }
 
     /// Attaches to an existing arena by token.
@@ -162,26 +203,16 @@ impl Arena {
         // Our own open file description, so our slot lock is ours alone.
         let fd = sys::reopen(&ctl_path(dir, &token))?;
         drop(ctl_fd);
-        let inner = Arc::new(Inner {
-            token,
-            dir: dir.to_path_buf(),
-            ctl,
-            local: Mutex::new(Local::new(fd)),
-        });
+        let arena = Self::register(dir, token, ctl, Local::new(fd));
         {
-            let mut local = lock_local(&inner.local);
+            let mut local = lock_local(&arena.inner.local);
             let fd = sys::reopen(&ctl_path(dir, &token))?;
-            let mut txn = inner.txn(&mut local)?;
+            let mut txn = arena.inner.txn(&mut local)?;
             let (slot, epoch) = txn.claim_slot(&fd)?;
             drop(txn);
             local.claimed(fd, slot, epoch);
         }
-        fork::install_fork_handlers();
-        attached()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&inner));
-        Ok(Arena { inner })
+        Ok(arena)
     }
 
     pub fn token(&self) -> [u8; 16] {

@@ -3,12 +3,35 @@
 
 use std::sync::Arc;
 
-use super::naming::seg_path;
+use std::cell::Cell;
+use std::time::Instant;
+
+use super::naming::{hex, seg_path};
 use super::{Inner, Local};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::layout::*;
 use crate::sys::{self, LockState, Mapping, RobustMutex};
+
+thread_local! {
+    /// When the arena operations of this thread give up waiting for an
+    /// arena's lock (None: they wait as long as it takes).
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with every arena lock wait of this thread bounded by `deadline`
+/// (a wait past it fails with [`Error::Busy`]): for calls that take a
+/// timeout, such as a queue's put of a message that must first be shared.
+pub fn with_deadline<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEADLINE.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DEADLINE.with(|d| d.replace(deadline)));
+    f()
+}
 
 /// The metadata of an arena while its mutex is held.
 pub(super) struct Txn<'a> {
@@ -36,7 +59,9 @@ impl Inner {
         // attach) and the mutex field lies inside it, 64-byte aligned.
         let mutex =
             unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
-        let state = mutex.lock()?;
+        let Some(state) = mutex.lock_until(DEADLINE.with(|d| d.get()))? else {
+            return Err(Error::Busy(hex(&self.token)));
+        };
         // SAFETY: we now hold the arena mutex, which every process takes before
         // touching the control header, so this is the only live reference to it.
         let ctl = unsafe { &mut *ctl_ptr };
