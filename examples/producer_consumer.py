@@ -24,7 +24,6 @@ import time
 import numpy as np
 
 import memshare as ms
-from memshare._queue import Queue
 
 N_CAMERAS = 5
 N_MATCHERS = 2
@@ -88,7 +87,7 @@ def run(
 ) -> dict:
     """Runs the scenario; returns frames sent/skipped/matched and frames/s."""
     ctx = ctx or mp.get_context()
-    make = queue_factory or Queue
+    make = queue_factory or ms.Queue
     frames, results = make(maxsize), make()
     matchers = [ctx.Process(target=matcher, args=(frames, results)) for _ in range(N_MATCHERS)]
     cams = [

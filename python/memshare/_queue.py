@@ -31,7 +31,8 @@ UNBOUNDED_CAPACITY = 8192
 #: Largest ``maxsize``: every slot takes ``INLINE_SIZE + 16`` bytes of shared memory.
 MAX_CAPACITY = 1 << 20
 #: Messages (pickles) up to this size are stored in the slot itself; larger
-#: ones get a block of their own. A pickled shared array takes about 200 bytes.
+#: ones get a block of their own; a message carrying one 2-D shared array fits
+#: in the slot (tests/test_docs.py checks).
 INLINE_SIZE = 240
 
 
