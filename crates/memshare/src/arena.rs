@@ -232,7 +232,7 @@ impl<'a> Txn<'a> {
         let path = seg_path(&self.inner.dir, &self.inner.token, seg);
         let expected = self.ctl.segments[idx].size;
         let fd = sys::open_file(&path)?;
-        let (size, _, _) = sys::fstat(&fd)?;
+        let size = sys::fstat(&fd)?.size;
         if size != expected || size < SEG_HEADER + BLOCK_HEADER {
             return Err(Error::Corrupt {
                 path: path.display().to_string(),
@@ -974,12 +974,7 @@ impl Arena {
             path: path.display().to_string(),
             why: why.into(),
         };
-        let (size, nlink, owner) = sys::fstat(fd)?;
-        if owner != sys::uid() {
-            return Err(Error::PermissionDenied {
-                path: path.display().to_string(),
-            });
-        }
+        let sys::FileInfo { size, nlink, .. } = sys::fstat(fd)?;
         if nlink == 0 {
             return Err(Error::StaleHandle("the arena has been removed".into()));
         }
