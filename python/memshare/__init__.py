@@ -30,14 +30,19 @@ from ._native import (
     StaleHandleError,
 )
 from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
+from ._process import Process, get_context
 from ._queue import JoinableQueue, Queue
 from ._share import share
+
+__version__: str = _native.__version__
+"""memshare's version (the Rust crates' version from Cargo.toml)."""
 
 __all__ = [
     "CorruptSegmentError",
     "HandleError",
     "JoinableQueue",
     "Pool",
+    "Process",
     "ProcessPoolExecutor",
     "Queue",
     "SharedArray",
@@ -49,6 +54,7 @@ __all__ = [
     "empty_like",
     "full",
     "full_like",
+    "get_context",
     "is_shared",
     "reap",
     "set_limit",
