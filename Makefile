@@ -67,9 +67,11 @@ test-wheels: wheel ## Smoke-test the wheels in fresh venvs of CPython 3.10-3.13 
 	@set -e; for v in $(WHEEL_PYTHONS); do \
 	  venv=target/wheel-venvs/$$v; rm -rf $$venv; \
 	  $(call pyenv_python,$$v) -m venv $$venv; \
-	  $$venv/bin/pip install --quiet --disable-pip-version-check -c requirements/test.txt numpy; \
-	  $$venv/bin/pip install --quiet --disable-pip-version-check --no-index --find-links dist \
-	    memshare; \
+	  pip="$$venv/bin/pip --quiet --disable-pip-version-check"; \
+	  $$pip install --no-index --find-links dist --no-deps memshare; \
+	  $$venv/bin/python tests/wheels.py requires > $$venv/requires.txt; \
+	  $$pip install -c requirements/test.txt -r $$venv/requires.txt; \
+	  $$pip check; \
 	  $$venv/bin/python tests/wheels.py smoke; \
 	done
 

@@ -1,6 +1,7 @@
 """Checks of the built wheels (`make wheel`, `make test-wheels`); not a pytest module.
 
     python tests/wheels.py audit dist/*.whl   # with .venv's Python (auditwheel installed)
+    python tests/wheels.py requires           # the installed wheel's runtime dependencies
     python tests/wheels.py smoke              # with a fresh venv that has the wheel installed
 
 ``audit`` runs ``auditwheel show`` on each wheel and fails unless the wheel is
@@ -137,16 +138,28 @@ def smoke() -> None:
     print("  nothing left in shared memory")
 
 
+def requires() -> None:
+    """Prints the installed memshare's runtime requirements (not its extras')."""
+    import importlib.metadata
+
+    for req in importlib.metadata.requires("memshare") or []:
+        if "extra ==" not in req:
+            print(req)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("audit").add_argument("wheels", nargs="+", type=Path)
+    sub.add_parser("requires")
     sub.add_parser("smoke")
     sub.add_parser("smoke-inner")
     args = parser.parse_args()
     if args.command == "audit":
         for wheel in args.wheels:
             audit(wheel)
+    elif args.command == "requires":
+        requires()
     elif args.command == "smoke":
         smoke()
     else:
