@@ -33,6 +33,9 @@ from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
 from ._queue import JoinableQueue, Queue
 from ._share import share
 
+__version__: str = _native.__version__
+"""memshare's version (the Rust crates' version from Cargo.toml)."""
+
 __all__ = [
     "CorruptSegmentError",
     "HandleError",
