@@ -54,7 +54,11 @@ def register(client: Any, *, share_threshold: int = DEFAULT_SHARE_THRESHOLD, dir
     Returns:
         ``client``, whose ``get_executor()`` now returns an :class:`Executor`.
     """
-    if isinstance(share_threshold, bool) or not isinstance(share_threshold, int) or share_threshold < 1:
+    if (
+        isinstance(share_threshold, bool)
+        or not isinstance(share_threshold, int)
+        or share_threshold < 1
+    ):
         raise ValueError(f"share_threshold must be a positive int, not {share_threshold!r}")
     from . import _wire
 

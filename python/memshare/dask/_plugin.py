@@ -4,20 +4,19 @@
 registered plugins to workers that join later and to workers a nanny
 restarts): it joins the host's arena, turns on the handshake and serializers
 (:mod:`._wire`), makes tasks allocate large arrays in shared memory, and
-drops the lease of a ``get_data`` request when the request ends.
+gives each ``get_data`` request a lease of its own, dropped when it ends.
 :class:`NannyPlugin` makes a nanny start (and restart) its worker process
 inside that arena.
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import os
-from collections.abc import Callable
+import traceback
 from typing import Any
 
 import distributed.diagnostics.plugin as dask_plugin
+import distributed.worker as dask_worker
 
 from .. import _allocator, _native
 from . import _wire
@@ -36,25 +35,27 @@ def join_arena(token: str | None) -> str:
     return _native.arena_token()
 
 
-def _call_with_hook(threshold: int, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+_hook: dict[str, Any] = {"threshold": None, "original": None}
+
+
+def _run_task_with_hook(*args: Any, **kwargs: Any) -> Any:
+    """Dask's ``_run_task`` (one task, in an executor thread, inside the
+    context Dask copied for it) with numpy's allocator hook switched on."""
+    original, threshold = _hook["original"], _hook["threshold"]
+    if threshold is None:
+        return original(*args, **kwargs)
     previous = _allocator._enable(threshold)
     try:
-        return fn(*args, **kwargs)
+        return original(*args, **kwargs)
     finally:
         _native.numpy_set_allocator(previous)
 
 
-def _hooked_submit(submit: Callable, threshold: int, fn: Callable, *args: Any, **kwargs: Any):
-    """Executor ``submit`` whose tasks run with numpy's allocator hook on.
-
-    Dask runs a task as ``context.run(task, ...)`` in a copy of the
-    scheduling coroutine's context; the hook (a context variable) is switched
-    on inside that copy.
-    """
-    ctx = getattr(fn, "__self__", None)
-    if isinstance(ctx, contextvars.Context) and getattr(fn, "__name__", "") == "run":
-        return submit(ctx.run, functools.partial(_call_with_hook, threshold, *args[:1]), *args[1:], **kwargs)
-    return submit(_call_with_hook, threshold, fn, *args, **kwargs)
+def _install_hook(threshold: int | None) -> None:
+    _hook["threshold"] = threshold
+    if _hook["original"] is None:
+        _hook["original"] = dask_worker._run_task
+        dask_worker._run_task = _run_task_with_hook
 
 
 class WorkerPlugin(dask_plugin.WorkerPlugin):
@@ -76,22 +77,22 @@ class WorkerPlugin(dask_plugin.WorkerPlugin):
     def setup(self, worker: Any) -> None:
         join_arena(self.arena)
         _wire.enable(self.threshold)
-        for executor in worker.executors.values():
-            if "ThreadPoolExecutor" in type(executor).__name__ and not hasattr(
-                executor, "_memshare_submit"
-            ):
-                executor._memshare_submit = executor.submit
-                executor.submit = functools.partial(
-                    _hooked_submit, executor._memshare_submit, self.threshold
-                )
+        _install_hook(self.threshold)
         original = worker.handlers["get_data"]
         if not getattr(original, "_memshare", False):
 
             async def get_data(comm: Any, *args: Any, **kwargs: Any) -> Any:
+                token = _wire.request_lease()
                 try:
                     return await original(comm, *args, **kwargs)
+                except BaseException as e:
+                    # Dask logs a failed transfer with its traceback and keeps
+                    # the record: the handler's finished frames would hold the
+                    # data (and its shared memory) for as long.
+                    traceback.clear_frames(e.__traceback__)
+                    raise
                 finally:
-                    _wire.release_lease(comm)
+                    _wire.end_request_lease(token)
 
             get_data._memshare = True  # type: ignore[attr-defined]
             worker.handlers["get_data"] = get_data
@@ -99,11 +100,7 @@ class WorkerPlugin(dask_plugin.WorkerPlugin):
         worker.rpc.collect()
 
     def teardown(self, worker: Any) -> None:
-        for executor in worker.executors.values():
-            submit = getattr(executor, "_memshare_submit", None)
-            if submit is not None:
-                executor.submit = submit
-                del executor._memshare_submit
+        _install_hook(None)
 
 
 class NannyPlugin(dask_plugin.NannyPlugin):

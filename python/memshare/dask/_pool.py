@@ -118,7 +118,9 @@ class Pool:
             or not isinstance(share_threshold, int)
             or share_threshold < 1
         ):
-            raise ValueError(f"share_threshold must be a positive int or None, not {share_threshold!r}")
+            raise ValueError(
+                f"share_threshold must be a positive int or None, not {share_threshold!r}"
+            )
         if getattr(client, "_memshare_threshold", None) is None:
             from . import register
 
@@ -196,7 +198,9 @@ class Pool:
         """Asynchronous ``func(*args, **kwds)``; see ``multiprocessing.pool.Pool``."""
         self._check_running()
         scatter = Scatterer(self._client, self._threshold)
-        future = self._submit(_call, func, scatter.replace(tuple(args)), scatter.replace(dict(kwds)))
+        future = self._submit(
+            _call, func, scatter.replace(tuple(args)), scatter.replace(dict(kwds))
+        )
         scatter.release()
         return self._async(lambda: self._result(future), callback, error_callback)
 
@@ -246,45 +250,18 @@ class Pool:
 
     def imap(self, func, iterable, chunksize=1):
         """Lazy :meth:`map`: results in order, as they are consumed."""
-        self._check_running()
-        if chunksize < 1:
-            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        batches = self._batches(func, iterable, chunksize, False)
-        window = self._window()
-
-        def results() -> Iterator:
-            queue: deque = deque(itertools.islice(batches, window))
-            try:
-                while queue:
-                    future = queue.popleft()
-                    queue.extend(itertools.islice(batches, 1))
-                    yield from self._result(future)
-            finally:
-                self._client.cancel(list(queue))
-                batches.close()
-
-        return results()
+        return self._imap(func, iterable, chunksize, ordered=True)
 
     def imap_unordered(self, func, iterable, chunksize=1):
         """Lazy :meth:`map`: results in completion order."""
+        return self._imap(func, iterable, chunksize, ordered=False)
+
+    def _imap(self, func, iterable, chunksize: int, ordered: bool) -> _ResultIterator:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         batches = self._batches(func, iterable, chunksize, False)
-        window = self._window()
-
-        def results() -> Iterator:
-            running = distributed.as_completed(list(itertools.islice(batches, window)))
-            try:
-                for future in running:
-                    for extra in itertools.islice(batches, 1):
-                        running.add(extra)
-                    yield from self._result(future)
-            finally:
-                self._client.cancel(list(running.futures))
-                batches.close()
-
-        return results()
+        return _ResultIterator(self, batches, self._window(), ordered)
 
     def close(self) -> None:
         """No new calls; pending ones complete."""
@@ -318,6 +295,55 @@ class Pool:
 
     def __reduce__(self):
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+
+class _ResultIterator:
+    """Results of ``imap``/``imap_unordered``: keeps ``window`` chunks in flight;
+    a failed task raises once, then iteration goes on (as in the stdlib)."""
+
+    def __init__(self, pool: Pool, batches: Iterator, window: int, ordered: bool):
+        self._pool = pool
+        self._batches = batches
+        self._ordered = ordered
+        first = list(itertools.islice(batches, window))
+        self._queue: deque = deque(first)
+        self._completed = None if ordered else distributed.as_completed(first)
+        self._ready: deque = deque()
+
+    def __iter__(self) -> _ResultIterator:
+        return self
+
+    def __next__(self) -> Any:
+        while not self._ready:
+            if self._ordered:
+                if not self._queue:
+                    raise StopIteration
+                future = self._queue.popleft()
+            else:
+                if self._completed.is_empty():
+                    raise StopIteration
+                future = next(self._completed)
+            for extra in itertools.islice(self._batches, 1):
+                if self._ordered:
+                    self._queue.append(extra)
+                else:
+                    self._completed.add(extra)
+            self._ready.extend(self._pool._result(future))
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        """Cancels the chunks not consumed yet."""
+        pending = list(self._queue) if self._ordered else list(self._completed.futures)
+        self._queue.clear()
+        if pending:
+            self._pool._client.cancel(pending)
+        self._batches.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _call(func: Callable, args: tuple, kwds: dict) -> Any:

@@ -13,11 +13,15 @@ from typing import Any
 import numpy as np
 
 from .. import _native
-from .._array import SharedArray, _array_message, _rebuild, share_array
+from .._array import SharedArray, _array_message, _block_of, _rebuild, share_array
 from .._array import dumps as _dumps
 from .._array import loads as _loads
 
-__all__ = ["dumps", "loads", "new_lease"]
+__all__ = ["counters", "dumps", "loads", "new_lease"]
+
+#: Arrays this process copied into shared memory on their way out (for tests
+#: and curious users): results born in shared memory never are.
+counters = {"shared_on_the_way": 0}
 
 _SHARED = b"S"  # a SharedArray: the caller's shared state, arrives writable and shared
 _VIEW = b"R"  # a plain array: arrives as a read-only view of the same memory
@@ -33,6 +37,8 @@ def dumps(obj: Any, lease: _native.Block) -> bytes:
     """One frame that carries ``obj`` by handle (sharing its data once if needed)."""
     if isinstance(obj, np.ndarray):
         kind = _SHARED if isinstance(obj, SharedArray) else _VIEW
+        if _block_of(obj) is None:
+            counters["shared_on_the_way"] += 1
         message = _array_message(share_array(obj), lease)
         if message is None:  # pragma: no cover - share_array always shares
             raise TypeError("memshare: array could not be shared")

@@ -8,21 +8,26 @@ recipient: the same identity gets handles, anyone else (another host, a
 private /dev/shm, a process that did not register, an old comm opened before
 registration) gets Dask's own bytes.
 
-The pins of handles sent on a comm belong to a lease kept with that comm.
-The recipient adopts each pin when it deserializes the message; what it never
-opens (it died, the comm broke) is released when the comm's lease is dropped:
-after every ``get_data`` request (the recipient answers "OK" only after it
-deserialized), or when the comm goes away.
+Pins of the handles in a message belong to a lease (a pin owner) that lives
+exactly as long as the sender waits for the recipient: the recipient adopts
+each pin when it deserializes, and what it never opens (it died, the comm
+broke, the request was cancelled) is released with the lease. A worker's
+``get_data`` handler has a lease of its own (the recipient answers "OK" only
+after deserializing); a request that expects a reply (``send_recv``: scatter,
+``update_data``) drops the comm's lease when the reply arrives; anything else
+is covered by the comm's lease, dropped with the comm.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import distributed.core
 import numpy as np
 from distributed.comm.core import Comm
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
@@ -31,7 +36,7 @@ from distributed.utils import has_keyword
 from . import _serialize
 from ._identity import memory_identity
 
-__all__ = ["enable", "enabled", "release_lease", "same_memory"]
+__all__ = ["enable", "enabled", "release_lease", "request_lease", "same_memory"]
 
 #: Handshake key with the memory identity of a memshare-aware end.
 HANDSHAKE_KEY = "memshare"
@@ -73,7 +78,32 @@ def release_lease(comm: Comm) -> None:
         info.pop(_LEASE_KEY, None)
 
 
+#: The lease of the request being answered (a one-item list, filled lazily).
+_request_lease: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "memshare_request_lease", default=None
+)
+
+
+def request_lease() -> contextvars.Token:
+    """Starts a lease for the request handled in this context; give the
+    token to :func:`end_request_lease` when the request is answered."""
+    return _request_lease.set([None])
+
+
+def end_request_lease(token: contextvars.Token) -> None:
+    """Drops the request's lease: pins of handles nobody opened are released."""
+    slot = _request_lease.get()
+    if slot is not None:
+        slot[0] = None
+    _request_lease.reset(token)
+
+
 def _lease(context: dict) -> Any:
+    slot = _request_lease.get()
+    if slot is not None:
+        if slot[0] is None:
+            slot[0] = _serialize.new_lease()
+        return slot[0]
     sender = context["sender"]  # the comm's own handshake dict: lives with the comm
     lease = sender.get(_LEASE_KEY)
     if lease is None:
@@ -101,6 +131,20 @@ def _patch_handshake() -> None:
         return info
 
     Comm.handshake_info = handshake_info
+
+    send_recv = distributed.core.send_recv
+
+    async def send_recv_then_release(*args: Any, **kwargs: Any) -> Any:
+        comm = kwargs["comm"] if "comm" in kwargs else args[0]
+        try:
+            return await send_recv(*args, **kwargs)
+        finally:
+            # The peer replied, so it has deserialized the request (or the
+            # comm broke): nothing it was sent is still on its way.
+            if kwargs.get("reply", True):
+                release_lease(comm)
+
+    distributed.core.send_recv = send_recv_then_release
 
 
 # --- the serializers -----------------------------------------------------------------
