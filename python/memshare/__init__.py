@@ -30,6 +30,7 @@ from ._native import (
     StaleHandleError,
 )
 from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
+from ._process import Process, get_context
 from ._queue import JoinableQueue, Queue
 from ._share import share
 
@@ -41,6 +42,7 @@ __all__ = [
     "HandleError",
     "JoinableQueue",
     "Pool",
+    "Process",
     "ProcessPoolExecutor",
     "Queue",
     "SharedArray",
@@ -52,6 +54,7 @@ __all__ = [
     "empty_like",
     "full",
     "full_like",
+    "get_context",
     "is_shared",
     "reap",
     "set_limit",
@@ -74,10 +77,13 @@ def stats() -> dict:
 
 
 def set_limit(nbytes: int | None) -> None:
-    """Caps the arena's shared memory (all processes); None removes the cap.
+    """Caps the arena's shared memory (all processes); None or 0 removes the cap.
 
-    The environment variable ``MEMSHARE_LIMIT`` (e.g. ``8G``) sets it at start.
-    Allocations beyond it raise :class:`SharedMemoryError` (a ``MemoryError``).
+    The environment variable ``MEMSHARE_LIMIT`` sets it at start: bytes
+    (``1073741824``) or a number with K, M, G or T (``512M``, ``8G``, ``1.5G``);
+    ``0`` means no limit, and anything else raises ``ValueError`` naming the
+    variable. Allocations beyond the cap raise :class:`SharedMemoryError` (a
+    ``MemoryError``).
     """
     _native.set_limit(nbytes)
 
