@@ -55,6 +55,8 @@ def no_leaks(request):
     """Every test must give back all shared memory it took."""
     before = _settle()
     yield
+    # A Rust panic is a bug wherever it happens (also where it was caught).
+    assert _native.panic_count() == 0, "a Rust panic happened in this process (see stderr)"
     if "allow_leftovers" in request.keywords:
         return
     after = _settle()

@@ -9,6 +9,7 @@ autouse fixture checks the arena, and each scenario checks the segment files.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -98,7 +99,7 @@ def run_pool_scenario(seed: int) -> None:
                 del arr
                 got += 1
                 if point == "external" and got == kill_after + 1:
-                    os.kill(rng.choice(pool._pool).pid, signal.SIGKILL)
+                    rng.choice(pool._pool).kill()  # no pid race with a reaped worker
         except ms.WorkerLostError:
             assert point != "none", f"seed {seed}: no kill, yet a worker was lost"
         else:
@@ -275,6 +276,25 @@ if __name__ == "__main__":
 """
 
 
+def tree_semaphores(pgid: int) -> set[Path]:
+    """The POSIX semaphores mapped by the processes of process group `pgid`
+    (multiprocessing's named semaphores, glibc's sem_open temporaries)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (proc / "maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/dev/shm/sem."):
+                    found.add(Path(fields[5].removesuffix(" (deleted)")))
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return found
+
+
 def stdlib_semaphores() -> set[Path]:
     # sem.mp-*: named semaphores; sem.XXXXXX: glibc sem_open temporaries of
     # a process killed inside sem_open.
@@ -304,7 +324,17 @@ def run_tree_scenario(seed: int) -> None:
                 if listing and listing[0]["live_blocks"] >= 1 and target <= 0:
                     break
                 target -= 1
-            os.killpg(p.pid, signal.SIGKILL)  # the whole tree at once
+            # Stop the whole tree (no new semaphores), note the semaphores it
+            # holds, then kill it at once; killing also ends the stop.
+            own_semaphores: set[Path] = set()
+            try:
+                os.killpg(p.pid, signal.SIGSTOP)
+                own_semaphores = tree_semaphores(p.pid)
+            except ProcessLookupError:
+                pass
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
         finally:
             p.kill()
             p.communicate(timeout=T)
@@ -316,8 +346,9 @@ def run_tree_scenario(seed: int) -> None:
             except ProcessLookupError:
                 break
         # multiprocessing's named semaphores die with their resource tracker
-        # only if it survives; this tree's tracker was killed with it.
-        for sem in stdlib_semaphores() - semaphores_before:
+        # only if it survives; this tree's tracker was killed with it. Only
+        # this tree's: other programs (and test sessions) run beside us.
+        for sem in (stdlib_semaphores() - semaphores_before) & own_semaphores:
             sem.unlink(missing_ok=True)
         files = os.listdir(d)
         assert files, "the tree had created an arena"

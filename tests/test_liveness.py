@@ -362,3 +362,73 @@ def test_a_stopped_peer_holding_the_arena_lock_blocks_nobody_with_the_gil():
         for name in os.listdir(shared_dir):
             os.unlink(shared_dir / name)
         shared_dir.rmdir()
+
+
+MORE_THAN_SLOTS = """
+import select
+import numpy as np
+
+a = ms.share(np.ones(4))
+limit = ms.stats()["max_processes"]
+try:
+    ms.Pool(limit + 44)
+    pool_error = ""
+except ms.SharedMemoryError as e:
+    pool_error = str(e)
+r, w = os.pipe()
+children = []
+for _ in range(limit + 4):  # more children than the arena has slots
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        code = 1
+        try:
+            b = ms.share(np.ones(4))  # past the limit: in an arena of its own
+            code = 0 if b.sum() == 4.0 else 1
+            del b
+            os.read(r, 1)  # keep the slot until every child is forked
+            _native.shutdown()
+            code = code if _native.panic_count() == 0 else 5
+        except ms.SharedMemoryError:
+            code = 3
+        finally:
+            os._exit(code)
+    children.append(pid)
+os.close(r)
+os.close(w)  # end of file: the children go
+codes = []
+for pid in children:
+    fd = os.pidfd_open(pid)
+    if not select.select([fd], [], [], 120)[0]:
+        os.kill(pid, 9)
+    os.close(fd)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+del a
+print(json.dumps({
+    "limit": limit,
+    "pool_error": pool_error,
+    "codes": sorted(set(codes)),
+    "panics": _native.panic_count(),
+}))
+"""
+
+
+def test_more_processes_than_slots_is_a_clear_error_or_works_never_a_panic():
+    from conftest import SHM_DIR
+
+    shared_dir = SHM_DIR / f"slots-{os.getpid()}"
+    shared_dir.mkdir(mode=0o700)
+    try:
+        p = run_program(MORE_THAN_SLOTS, env={"MEMSHARE_DIR": str(shared_dir)}, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "panicked" not in p.stderr and "PanicException" not in p.stderr, p.stderr
+        r = last_json(p.stdout)
+        assert r["codes"] == [0] and r["panics"] == 0, r
+        limit = r["limit"]
+        assert f"a pool of {limit + 44} worker processes" in r["pool_error"], r
+        assert f"of {limit}" in r["pool_error"] and "processes=" in r["pool_error"], r
+        assert os.listdir(shared_dir) == []
+    finally:
+        for name in os.listdir(shared_dir):
+            os.unlink(shared_dir / name)
+        shared_dir.rmdir()

@@ -11,7 +11,6 @@ import pickle
 import queue
 import random
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -304,25 +303,25 @@ def test_sigkill_producers_and_consumers_at_random():
             time.sleep(0.0005)
         if rng.random() < 0.5:
             k = rng.randrange(len(prods))
-            os.kill(prods[k].pid, signal.SIGKILL)
+            prods[k].kill()  # no pid race: a no-op if it has exited and been reaped
             prods[k].join(T)
             prods[k] = new_producer()
         else:
             k = rng.randrange(len(cons))
-            os.kill(cons[k].pid, signal.SIGKILL)
+            cons[k].kill()
             cons[k].join(T)
             consumer_kills += 1
             cons[k] = new_consumer()
         iterations += 1
     for p in prods:
-        os.kill(p.pid, signal.SIGKILL)
+        p.kill()
         p.join(T)
     # Let the consumers drain what the producers completed, then stop them.
     t_end = time.monotonic() + 30
     while q.qsize() and time.monotonic() < t_end:
         time.sleep(0.01)
     for p in cons:
-        os.kill(p.pid, signal.SIGKILL)
+        p.kill()
         p.join(T)
         consumer_kills += 1
     # The survivor (this process) drains the rest and can still use the queue.

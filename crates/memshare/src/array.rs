@@ -185,7 +185,9 @@ impl SharedArray {
     /// A shared C-order copy of `a`.
     pub fn from_view<T: Element>(arena: &Arena, a: ArrayViewD<'_, T>) -> Result<SharedArray> {
         let mut out = SharedArray::zeros::<T>(arena, a.shape())?;
-        out.view_mut::<T>()?.assign(&a);
+        // SAFETY: the array was just made; no other clone, handle or process
+        // can see its memory yet.
+        unsafe { out.view_mut::<T>() }?.assign(&a);
         Ok(out)
     }
 
@@ -245,12 +247,20 @@ impl SharedArray {
     }
 
     /// A mutable `ndarray` view.
-    pub fn view_mut<T: Element>(&mut self) -> Result<ArrayViewMutD<'_, T>> {
+    ///
+    /// # Safety
+    /// `SharedArray` is `Clone` and its memory is shared with every process
+    /// that opened it: `&mut self` does not make the view exclusive. The
+    /// caller must know that, while the view lives, no other clone in this
+    /// process, and no other process, reads or writes the array (for example:
+    /// it was just made and not yet sent, or the program hands ownership over
+    /// explicitly).
+    pub unsafe fn view_mut<T: Element>(&mut self) -> Result<ArrayViewMutD<'_, T>> {
         if self.block.readonly() {
             return Err(Error::InvalidArgument("array is read-only".into()));
         }
         let (shape, strides) = self.element_layout::<T>()?;
-        // SAFETY: as in `view`; `&mut self` gives exclusivity within this process.
+        // SAFETY: as in `view`; exclusivity is the caller's promise.
         Ok(unsafe {
             ArrayViewMutD::from_shape_ptr(
                 shape.strides(strides),

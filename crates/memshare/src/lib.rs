@@ -8,7 +8,8 @@
 //! ```no_run
 //! let arena = memshare::home().unwrap();
 //! let mut a = memshare::SharedArray::zeros::<f64>(&arena, &[1000, 500]).unwrap();
-//! a.view_mut::<f64>().unwrap().fill(1.0);
+//! // SAFETY: `a` was just made; nobody else can see it yet.
+//! unsafe { a.view_mut::<f64>() }.unwrap().fill(1.0);
 //! let message = a.to_bytes().unwrap(); // send to another process
 //! let b = memshare::SharedArray::from_bytes(&message).unwrap();
 //! assert_eq!(b.view::<f64>().unwrap().sum(), 500_000.0);

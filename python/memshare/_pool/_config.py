@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 DEFAULT_SHARE_THRESHOLD = 1 << 20
@@ -15,6 +16,25 @@ _counter_lock = threading.Lock()
 def _count(name: str) -> None:
     with _counter_lock:
         counters[name] += 1
+
+
+def check_process_slots(workers: int | None) -> None:
+    """Refuses, before any worker starts, a pool that needs more process slots
+    than the arena has free (each attached process takes one)."""
+    from .. import _native
+
+    n = (os.cpu_count() or 1) if workers is None else workers
+    if not isinstance(n, int) or n < 1:
+        return  # the standard library reports it
+    s = _native.stats()
+    free = s["max_processes"] - s["processes"]
+    if n > free:
+        raise _native.SharedMemoryError(
+            f"memshare: a pool of {n} worker processes needs {n} process slots, but the "
+            f"arena has {free} free of {s['max_processes']} (one per attached process, "
+            f"{s['processes']} in use); use at most {max(free, 1)} workers "
+            f"(e.g. processes={max(free, 1)})"
+        )
 
 
 def _check_threshold(threshold: int | None) -> int | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import _callables, _native, _process
 from ._arguments import _CallState
-from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold
+from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold, check_process_slots
 from ._worker import _home_token, _process_chunk, _reraise, _run_plain, _worker_init
 
 
@@ -61,6 +61,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._share_threshold = _check_threshold(share_threshold)
+        check_process_slots(max_workers)
         kw = {}
         if max_tasks_per_child is not None:
             kw["max_tasks_per_child"] = max_tasks_per_child

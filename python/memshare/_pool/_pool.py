@@ -11,7 +11,7 @@ from typing import Any
 from .. import _callables, _native, _process
 from . import _stdlib
 from ._arguments import _CallState
-from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold
+from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold, check_process_slots
 from ._health import WorkerLostError, _Health, _make_process
 from ._packing import _ATOMIC, _PLAIN_FUNCTIONS, _is_plain, _unpack
 from ._progress import _make_progress
@@ -64,6 +64,7 @@ class Pool(_stdlib.StdPool):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._share_threshold = _check_threshold(share_threshold)
+        check_process_slots(processes)
         self._progress_arg = progress
         self._health = _Health()
         _stdlib.set_process_factory(self, functools.partial(_make_process, self._health))

@@ -24,6 +24,8 @@ pub struct Stats {
     pub segments: u64,
     pub pins: u64,
     pub processes: u64,
+    /// Processes that can be attached at once (one slot each).
+    pub max_processes: u64,
     pub limit: u64,
 }
 
@@ -36,6 +38,7 @@ impl Stats {
             segments: ctl.segment_count as u64,
             pins: ctl.pins_in_use,
             processes: ctl.slots.iter().filter(|s| s.state == SLOT_ALIVE).count() as u64,
+            max_processes: MAX_PROCS as u64,
             limit: ctl.limit,
         }
     }
