@@ -45,7 +45,7 @@ impl PyQueue {
     #[new]
     #[pyo3(signature = (capacity, inline_size=240, joinable=false))]
     fn new(py: Python<'_>, capacity: usize, inline_size: usize, joinable: bool) -> PyResult<Self> {
-        let arena = memshare::home().map_err(to_pyerr)?;
+        let arena = crate::home(py)?; // exported for children, without the GIL
         let q = py
             .detach(|| Queue::with_options(&arena, capacity, inline_size, joinable))
             .map_err(to_pyerr)?;
