@@ -109,7 +109,8 @@ script = (
     f"ln -s /etc/passwd memshare-{token}-$i-link; done"
 )
 subprocess.run(["sh", "-c", script], cwd=d, user=65534, group=65534, check=True)
-squatted = {p for p in os.listdir(d) if os.stat(os.path.join(d, p), follow_symlinks=False).st_uid == 65534}
+squatted = {p for p in os.listdir(d)
+            if os.stat(os.path.join(d, p), follow_symlinks=False).st_uid == 65534}
 # 3 MiB arrays: most get a segment of their own.
 held = [ms.share(np.full(3 << 17, i, dtype=np.float64)) for i in range(40)]
 ok = all(float(h[0]) == i for i, h in enumerate(held))
