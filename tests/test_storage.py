@@ -4,6 +4,7 @@ directory is too small."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -66,20 +67,32 @@ def needs_root():
         pytest.skip("switching users and mounting need root")
 
 
-@pytest.fixture
-def tmpfs(request):
-    """A real tmpfs of the size given by the test's ``tmpfs_size`` mark (MiB)."""
+@contextlib.contextmanager
+def mounted_tmpfs(mib: int):
+    """A real tmpfs of ``mib`` MiB, as a container's /dev/shm is."""
     needs_root()
-    mark = request.node.get_closest_marker("tmpfs_size")
-    size = mark.args[0] if mark else 64
     path = Path(tempfile.mkdtemp(prefix="memshare-storage-tmpfs-"))
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", str(path)])
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)])
     if res.returncode != 0:
         path.rmdir()
         pytest.skip("this machine cannot mount a tmpfs")
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
-    path.rmdir()
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+        path.rmdir()
+
+
+@pytest.fixture
+def tmpfs():
+    with mounted_tmpfs(64) as path:
+        yield path
+
+
+@pytest.fixture
+def tmpfs_200():
+    with mounted_tmpfs(200) as path:
+        yield path
 
 
 @pytest.fixture
@@ -209,3 +222,177 @@ def test_swapped_segments_are_refused_with_permission_error(shared_dir):
     assert res["mode 666"].startswith("PermissionError") and "666" in res["mode 666"], res
     assert res["parent still reads"] == total
     assert not list(shared_dir.iterdir())
+
+
+# --- memory goes back to the OS by itself (item 10) ---------------------------------
+
+DECAY = """
+import json, time, numpy as np, memshare as ms
+held = [ms.share(np.ones(75 << 17)) for _ in range(8)]  # 8 x 75 MiB = 600 MiB
+peak = ms.stats()["bytes_reserved"]
+del held
+dropped = time.monotonic()
+# Nothing but reading the figures from here on: the decay thread does the work.
+deadline = dropped + 90
+while ms.stats()["bytes_reserved"] > LIMIT and time.monotonic() < deadline:
+    time.sleep(0.2)
+after = ms.stats()
+# Punched pages are reserved again before reuse and hold what is written.
+b = ms.share(np.arange(75 << 17, dtype=np.float64))
+print(json.dumps({"peak": peak, "after": after["bytes_reserved"], "retain": after["retain"],
+                  "in_use": after["bytes_in_use"], "ok": float(b[-1]) == (75 << 17) - 1,
+                  "again": ms.stats()["bytes_reserved"]}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("retain", "limit"), [(None, 128 << 20), ("0", 4 << 20), ("64M", (64 + 4) << 20)]
+)
+def test_idle_free_memory_goes_back_to_the_os_with_no_calls(retain, limit):
+    env = {} if retain is None else {"MEMSHARE_RETAIN": retain}
+    res = last_json(run_python(DECAY.replace("LIMIT", str(limit)), env, timeout=180))
+    assert res["peak"] >= 600 << 20, res
+    assert res["after"] <= limit, res
+    assert res["in_use"] == 0 and res["ok"], res
+    assert res["again"] >= 75 << 20, res
+    assert res["retain"] == {None: 16 << 20, "0": 0, "64M": 64 << 20}[retain]
+
+
+def test_bad_retain_is_a_value_error():
+    out = run_python(LIMIT_PROBE, {"MEMSHARE_RETAIN": "some"})
+    assert out.stdout.startswith("ValueError") and "MEMSHARE_RETAIN" in out.stdout, out
+
+
+REUSE_FULL = """
+import json, os, time, numpy as np, memshare as ms
+d = os.environ["MEMSHARE_DIR"]
+a = ms.share(np.ones(5 << 20))  # 40 MiB in the tmpfs
+del a
+deadline = time.monotonic() + 90
+while ms.stats()["bytes_reserved"] > 8 << 20 and time.monotonic() < deadline:
+    time.sleep(0.2)
+punched = ms.stats()["bytes_reserved"]
+# Someone else fills the tmpfs: the punched pages cannot be had again there.
+with open(os.path.join(d, "filler"), "wb") as f:
+    try:
+        while True:
+            f.write(b"x" * (1 << 20))
+            f.flush()
+    except OSError:
+        pass
+b = ms.share(np.full(5 << 20, 2.0))  # must not SIGBUS
+s = ms.stats()
+os.unlink(os.path.join(d, "filler"))
+print(json.dumps({"punched": punched, "sum": float(b.sum()), "memfd": s["memfd_segments"]}))
+"""
+
+
+def test_reuse_after_decay_on_a_full_tmpfs_is_reserved_again_not_sigbus(tmpfs):
+    res = last_json(run_python(REUSE_FULL, {"MEMSHARE_DIR": str(tmpfs)}, timeout=180))
+    assert res["punched"] <= 8 << 20, res
+    assert res["sum"] == 2.0 * (5 << 20) and res["memfd"] >= 1, res
+    assert not list(tmpfs.iterdir())
+
+
+# --- reserve overhead and fragmentation (item 11) ------------------------------------
+
+
+def test_a_limit_holds_nine_tenths_of_itself_in_equal_blocks():
+    code = (
+        "import json, numpy as np, memshare as ms\n"
+        "res = {}\n"
+        "for mib in (10, 1):\n"
+        "    held = []\n"
+        "    try:\n"
+        "        while len(held) < 1000:\n"
+        "            held.append(ms.empty((mib << 20) // 8))\n"
+        "    except MemoryError as e:\n"
+        "        res[mib] = [len(held), 'MEMSHARE_LIMIT' in str(e)]\n"
+        "    del held\n"
+        "print(json.dumps(res))\n"
+    )
+    res = last_json(run_python(code, {"MEMSHARE_LIMIT": "50M"}))
+    assert res["10"] == [5, True], res  # 50 MiB of 10 MiB arrays
+    assert res["1"][0] >= 45 and res["1"][1], res
+
+
+def test_a_crowded_tmpfs_holds_what_its_free_space_allows(tmpfs_200):
+    tmpfs = tmpfs_200
+    code = (
+        "import json, os, numpy as np, memshare as ms\n"
+        "d = os.environ['MEMSHARE_DIR']\n"
+        "with open(os.path.join(d, 'other'), 'wb') as f:\n"  # 120 MB taken by someone else
+        "    f.write(b'x' * 120_000_000)\n"
+        "held = []\n"
+        "while ms.stats()['memfd_segments'] == 0 and len(held) < 20:\n"
+        "    held.append(ms.share(np.ones((10 << 20) // 8)))\n"
+        "in_tmpfs = len(held) - (ms.stats()['memfd_segments'] > 0)\n"
+        "os.unlink(os.path.join(d, 'other'))\n"
+        "print(json.dumps({'in_tmpfs': in_tmpfs}))\n"
+    )
+    res = last_json(run_python(code, {"MEMSHARE_DIR": str(tmpfs)}))
+    assert res["in_tmpfs"] >= 6, res  # 80 MB free holds six 10 MiB arrays, not five
+    assert not list(tmpfs.iterdir())
+
+
+STEADY = """
+import json, time, numpy as np, memshare as ms
+rng = np.random.default_rng(7)
+held = []
+for step in range(3000):  # churn: arrays of 64 KiB to 4 MiB, about 300 alive
+    if held and (len(held) > 300 or rng.random() < 0.45):
+        held.pop(int(rng.integers(len(held))))
+    held.append(ms.empty(int(rng.integers(8 << 10, 512 << 10))))
+def bound():
+    s = ms.stats()
+    segment = min(max(s["bytes_segments"] // 8, 16 << 20), 128 << 20)
+    return s, 1.15 * s["bytes_in_use"] + segment
+deadline = time.monotonic() + 90
+s, b = bound()
+while s["bytes_reserved"] > b and time.monotonic() < deadline:
+    time.sleep(0.2)
+    s, b = bound()
+print(json.dumps({"reserved": s["bytes_reserved"], "in_use": s["bytes_in_use"], "bound": b}))
+"""
+
+
+def test_steady_state_reserve_is_within_fifteen_percent_and_a_segment():
+    res = last_json(run_python(STEADY, {}, timeout=180))
+    assert res["in_use"] > 100 << 20, res
+    assert res["reserved"] <= res["bound"], res
+
+
+# --- a 64 MB /dev/shm (item 12) --------------------------------------------------------
+
+FRAME = """
+import json, os, sys
+import numpy as np, pandas as pd
+import memshare as ms
+
+def total(df):
+    return float(df["a"].sum() + df["b"].sum())
+
+if __name__ == "__main__":
+    n = (1 << 30) // 16  # a 1 GiB frame
+    df = ms.share(pd.DataFrame({"a": np.arange(n, dtype=np.float64), "b": np.ones(n)}))
+    expect = total(df)
+    out = {"stats": ms.stats()}
+    for method in ("fork", "spawn", "forkserver"):
+        with ms.get_context(method).Pool(1) as pool:
+            out[method] = pool.apply(total, (df,)) == expect
+    print(json.dumps(out))
+"""
+
+
+def test_a_1_gib_frame_is_shared_under_a_64_mb_dev_shm(tmpfs, tmp_path):
+    script = tmp_path / "frame_under_small_shm.py"
+    script.write_text(FRAME)
+    env = {k: v for k, v in os.environ.items() if k not in ("MEMSHARE_ARENA", "MEMSHARE_LIMIT")}
+    env["MEMSHARE_DIR"] = str(tmpfs)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    res = last_json(out)
+    assert res["fork"] and res["spawn"] and res["forkserver"], res
+    assert res["stats"]["memfd_segments"] >= 1 and res["stats"]["bytes_in_use"] >= 1 << 30, res
+    assert not list(tmpfs.iterdir()), "nothing is left in the tmpfs after exit"

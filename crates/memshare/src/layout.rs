@@ -171,9 +171,12 @@ pub struct CtlHeader {
     pub bytes_committed: u64,
     /// Idle free space kept committed for reuse (the warm cache).
     pub retain: u64,
-    /// Blocks freed so far: the decay thread skips an arena that freed
-    /// nothing since its last pass.
+    /// Blocks freed so far, and the count at the last decay pass: the decay
+    /// threads (one per process) skip an arena that freed nothing since the
+    /// last pass of any of them, unless that pass left work for later.
     pub frees: u64,
+    pub decayed_frees: u64,
+    pub decay_pending: u64,
     pub bins: [BlockRef; NBINS],
     pub segments: [SegmentEntry; MAX_SEGMENTS],
     pub slots: [ProcSlot; MAX_PROCS],

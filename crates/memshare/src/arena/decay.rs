@@ -13,7 +13,6 @@
 //! at the instant of the fork.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -66,20 +65,17 @@ pub(super) fn ensure_thread() {
 }
 
 fn run() {
-    // Per arena: the free count at the last pass, and whether a pass left
-    // committed free space that was not idle long enough yet.
-    let mut seen: HashMap<[u8; 16], (u64, bool)> = HashMap::new();
     loop {
         std::thread::sleep(TICK);
         let _gate = GATE.lock().unwrap_or_else(|p| p.into_inner());
         for arena in Arena::all_attached() {
-            arena.decay_tick(&mut seen);
+            arena.decay_tick();
         }
     }
 }
 
 impl Arena {
-    fn decay_tick(&self, seen: &mut HashMap<[u8; 16], (u64, bool)>) {
+    fn decay_tick(&self) {
         let Ok(mut local) = self.inner.local.try_lock() else {
             return; // busy (or poisoned): next tick
         };
@@ -91,12 +87,12 @@ impl Arena {
             return;
         };
         let frees = txn.ctl.frees;
-        let last = seen.entry(self.inner.token).or_insert((u64::MAX, true));
-        if last.0 == frees && !last.1 {
-            return;
+        if txn.ctl.decayed_frees == frees && txn.ctl.decay_pending == 0 {
+            return; // nothing freed since the last pass of any process
         }
         if let Ok(pending) = txn.decay(sys::monotonic_ns()) {
-            *last = (frees, pending);
+            txn.ctl.decayed_frees = frees;
+            txn.ctl.decay_pending = pending as u64;
         }
     }
 }

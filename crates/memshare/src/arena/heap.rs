@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::sys::{self, Mapping};
 
-/// Space the arena may hold above its limit for block and segment headers
-/// and page rounding: 1/64 of the limit.
+/// Space the arena may use above its limit for block and segment headers and
+/// page rounding: 1/64 of the limit.
 fn headroom(limit: u64) -> u64 {
     limit / 64
 }
@@ -266,8 +266,10 @@ impl Txn<'_> {
     /// reference and generation.
     pub(super) fn alloc(&mut self, len: u64, flags: u32) -> Result<(BlockRef, u64)> {
         let size = payload_size(len);
-        // The limit caps the bytes of live blocks.
-        if size > (1 << 47) || self.ctl.bytes_in_use.saturating_add(size) > self.ctl.limit {
+        // The limit caps the bytes of live blocks (with room for their
+        // rounding to whole pages: a block keeps a remainder too small to split).
+        let limit = self.ctl.limit.saturating_add(headroom(self.ctl.limit));
+        if size > (1 << 47) || self.ctl.bytes_in_use.saturating_add(size) > limit {
             return Err(self.oom(len));
         }
         if sys::monotonic_ns().saturating_sub(self.ctl.last_reap_ns) > REAP_INTERVAL_NS {
