@@ -75,15 +75,21 @@ def run_one(
     return outcomes, left
 
 
-def _version(python: str) -> str:
-    out = subprocess.run(
-        [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+#: The stdlib test module each suite needs in the interpreter's install.
+SUITE_MODULES = {"mp": "test._test_multiprocessing", "cf": "test.test_concurrent_futures"}
+
+
+def _probe(python: str) -> tuple[str, set[str]]:
+    """The interpreter's version and the suites its install has."""
+    code = (
+        "import importlib.util, sys; print('%d.%d' % sys.version_info[:2]); "
+        f"print(*[s for s, m in {SUITE_MODULES!r}.items() if importlib.util.find_spec(m)])"
     )
-    return out.stdout.strip()
+    out = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    version, suites = out.stdout.splitlines()
+    return version, set(suites.split())
 
 
 def main() -> int:
@@ -105,8 +111,11 @@ def main() -> int:
     rows = []
     problems = []
     for python in map(os.path.abspath, args.python):
-        version = _version(python)
+        version, available = _probe(python)
         for suite in suites:
+            if suite not in available:
+                print(f"{suite} is not in the install of {version} ({python}): not run")
+                continue
             for start in starts:
                 results = {}
                 for impl in impls:
