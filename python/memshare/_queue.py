@@ -32,7 +32,7 @@ UNBOUNDED_CAPACITY = 8192
 #: Largest ``maxsize``: every slot takes ``INLINE_SIZE + 16`` bytes of shared memory.
 MAX_CAPACITY = 1 << 20
 #: Messages (pickles) up to this size are stored in the slot itself; larger
-#: ones get a block of their own. A pickled shared array takes about 200 bytes.
+#: ones get a block of their own.
 INLINE_SIZE = 240
 
 
@@ -81,7 +81,7 @@ class Queue:
 
     Pass it to ``multiprocessing.Process`` (any start method), through a
     ``Pool`` initializer, or even through another queue: it pickles to a
-    64-byte handle of the same shared queue. Unlike ``multiprocessing.Queue``
+    small handle (under 256 bytes) of the same shared queue. Unlike ``multiprocessing.Queue``
     there is no feeder thread: when ``put`` returns, the message is in shared
     memory and survives the producer's death.
     """
