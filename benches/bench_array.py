@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import fmt_time, measure, spread, table
+from _util import REPEAT, fmt_time, measure, spread, table
 
 import memshare as ms
 
@@ -52,8 +52,8 @@ def bench_send_and_sum() -> str:
         for size in (1 << 20, 100 << 20, GiB):
             plain = np.random.default_rng(1).random(size // 8)
             shared = ms.share(plain)
-            compute = measure(lambda a=plain: a.sum(), repeat=3)
-            t_plain = measure(lambda a=plain: pool.apply(worker_sum, (a,)), repeat=3)
+            compute = measure(lambda a=plain: a.sum(), repeat=REPEAT)
+            t_plain = measure(lambda a=plain: pool.apply(worker_sum, (a,)), repeat=REPEAT)
             t_shared = measure(lambda a=shared: pool.apply(worker_sum, (a,)), repeat=5)
             handle = len(pickle.loads(pickle.dumps(shared)).__reduce_ex__(5)[1][0])
             rows.append(
@@ -92,8 +92,8 @@ def bench_alloc_free() -> str:
             s.close()
             s.unlink()
 
-    t_ms = measure(memshare_cycle, repeat=3)[0] / cycles
-    t_shm = measure(shm_cycle, repeat=3)[0] / (cycles // 10)
+    t_ms = measure(memshare_cycle, repeat=REPEAT)[0] / cycles
+    t_shm = measure(shm_cycle, repeat=REPEAT)[0] / (cycles // 10)
     return table(
         "Allocate, touch every page, free: 40 MB blocks (median per cycle)",
         ["", "per cycle", "vs SharedMemory"],
