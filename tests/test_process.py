@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import memshare as ms
@@ -231,4 +232,78 @@ def test_main_objects_follow_the_start_method():
         "spawn": False,
         "by_ref_fork": True,
         "by_ref_spawn": False,
+    }
+
+
+POOL_PROGRAM = """
+    import json, sys
+    from dataclasses import dataclass
+    import multiprocessing as mp
+    import numpy as np
+    import memshare as ms
+
+    method = sys.argv[1]
+    ctx = ms.get_context(method)
+    out = {}
+    SCALE = None  # set by the initializer in each worker
+
+    def init(k):
+        global SCALE
+        SCALE = k
+
+    def scaled(x):
+        return x * SCALE
+
+    @dataclass
+    class Point:
+        x: int
+        y: int
+
+    class Scaler:
+        def __init__(self, k):
+            self.k = k
+
+        def scale(self, a):
+            return a * self.k
+
+    def to_point(i):
+        return Point(i, -i)
+
+    big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: shared once, not copied
+    with ms.Pool(2, context=mp.get_context(method), initializer=init, initargs=(3,)) as pool:
+        out["pool_map"] = pool.map(scaled, range(5))
+        out["pool_lambda"] = pool.map(lambda x: x + 1, range(5))
+        out["pool_imap"] = list(pool.imap(lambda x: -x, range(3)))
+        res = pool.map(Scaler(2).scale, [big, big + 1])
+        out["pool_method"] = [float(r.sum()) for r in res] + [ms.is_shared(res[0])]
+        points = pool.map(to_point, range(3))
+        out["pool_class"] = [isinstance(p, Point) for p in points] + [points[2].y]
+        out["pool_apply"] = pool.apply(lambda p: p.x + p.y + 1, (Point(2, 3),))
+        del res
+    with ctx.ProcessPoolExecutor(2, initializer=init, initargs=(10,)) as ex:
+        out["ex_map"] = list(ex.map(scaled, range(3)))
+        out["ex_lambda"] = ex.submit(lambda: "done").result(timeout=60)
+        p = ex.submit(to_point, 4).result(timeout=60)
+        out["ex_class"] = [isinstance(p, Point), p.y]
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_pools_run_callables_defined_in_main(method):
+    """Pool and ProcessPoolExecutor: functions, lambdas, methods, classes
+    and initializers of a file-less ``__main__`` under every start method;
+    instances of its classes come back as instances of the same class."""
+    out = run_main(POOL_PROGRAM, method)
+    total = float(np.arange(1 << 18, dtype=np.float64).sum())
+    assert out == {
+        "pool_map": [0, 3, 6, 9, 12],
+        "pool_lambda": [1, 2, 3, 4, 5],
+        "pool_imap": [0, -1, -2],
+        "pool_method": [2 * total, 2 * (total + (1 << 18)), True],
+        "pool_class": [True, True, True, -2],
+        "pool_apply": 6,
+        "ex_map": [0, 10, 20],
+        "ex_lambda": "done",
+        "ex_class": [True, -4],
     }

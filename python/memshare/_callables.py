@@ -41,10 +41,18 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["Pickler", "by_reference", "dumps", "main_by_reference"]
+__all__ = [
+    "Pickler",
+    "by_reference",
+    "by_value",
+    "dumps",
+    "main_by_reference",
+    "main_is_reimported",
+    "portable",
+]
 
 
-def _main_is_reimported() -> bool:
+def main_is_reimported() -> bool:
     """True if spawn and forkserver children re-import ``__main__`` (mirrors
     ``multiprocessing.spawn.get_preparation_data`` and ``_fixup_main_*``)."""
     main = sys.modules.get("__main__")
@@ -62,7 +70,7 @@ def main_by_reference(start_method: str | None) -> bool:
     """Whether children started with ``start_method`` can look names up in
     this process's ``__main__`` (fork: a copy of it; spawn, forkserver: only
     if they re-import it)."""
-    return start_method == "fork" or _main_is_reimported()
+    return start_method == "fork" or main_is_reimported()
 
 
 def _found(obj: Any, module: Any) -> bool:
@@ -194,6 +202,12 @@ class _ByValue:
 
     def __reduce__(self):
         return (pickle.loads, (dumps(self.value, main_by_ref=self.main_by_ref),))
+
+
+def by_value(value: Any, main_by_ref: bool = True) -> Any:
+    """A wrapper of ``value`` that pickles it with :class:`Pickler`, also
+    inside the standard library's pickles, and unpickles to ``value``."""
+    return _ByValue(value, main_by_ref)
 
 
 def portable(value: Any, main_by_ref: bool) -> Any:

@@ -44,10 +44,11 @@ pyo3::create_exception!(
 pub fn to_pyerr(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::OutOfMemory { .. } | Error::NoSpace { .. } | Error::TooManyPins { .. } => {
-            SharedMemoryError::new_err(msg)
-        }
-        Error::PermissionDenied { .. } => PyPermissionError::new_err(msg),
+        Error::OutOfMemory { .. }
+        | Error::NoSpace { .. }
+        | Error::NoMemory { .. }
+        | Error::TooManyPins { .. } => SharedMemoryError::new_err(msg),
+        Error::PermissionDenied { .. } | Error::UnsafeDir { .. } => PyPermissionError::new_err(msg),
         Error::NotFound { .. } | Error::StaleHandle(_) => StaleHandleError::new_err(msg),
         Error::InvalidHandle(_) => HandleError::new_err(msg),
         Error::Corrupt { .. } => CorruptSegmentError::new_err(msg),
@@ -71,7 +72,7 @@ pub fn to_pyerr(e: Error) -> PyErr {
                 },
             )
         }
-        Error::Io { .. } => PyOSError::new_err(msg),
+        Error::Io { .. } | Error::Exists { .. } => PyOSError::new_err(msg),
     }
 }
 

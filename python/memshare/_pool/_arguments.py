@@ -10,12 +10,11 @@ from __future__ import annotations
 import io
 import pickle
 import threading
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 
-from .. import _native
+from .. import _callables, _native
 from .._array import _block_of, _encode_dtype, _rebuild, _rebuild_private, share_array
 from ._config import _count
 
@@ -52,10 +51,12 @@ class _CallState:
     opened) and pins of tasks that never reached a worker are released.
     """
 
-    __slots__ = ("__weakref__", "arrays", "frames", "lock", "owner", "threshold")
+    __slots__ = ("__weakref__", "arrays", "frames", "lock", "main_by_ref", "owner", "threshold")
 
-    def __init__(self, threshold: int | None):
+    def __init__(self, threshold: int | None, main_by_ref: bool = True):
         self.threshold = threshold
+        # Whether the workers can look up our __main__ (_callables).
+        self.main_by_ref = main_by_ref
         self.arrays: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.frames: dict[int, tuple[Any, Any]] = {}
         self.owner: _native.Block | None = None
@@ -126,12 +127,13 @@ class _CallState:
         return rv
 
 
-class _CallPickler(ForkingPickler):
-    """ForkingPickler (so every reducer registered there applies) that sends
-    arrays and frames by handle, sharing large ones once per call."""
+class _CallPickler(_callables.Pickler):
+    """ForkingPickler's reducers, callables the workers cannot import by value
+    (``_callables``), arrays and frames by handle, large ones shared once per
+    call."""
 
     def __init__(self, file: io.BytesIO, state: _CallState):
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        super().__init__(file, pickle.HIGHEST_PROTOCOL, main_by_ref=state.main_by_ref)
         self._state = state
 
     def reducer_override(self, obj: Any) -> Any:
@@ -139,4 +141,4 @@ class _CallPickler(ForkingPickler):
             return self._state.reduce_array(obj)
         if type(obj).__module__.partition(".")[0] in _FRAME_PACKAGES:
             return self._state.reduce_frame(obj)
-        return NotImplemented
+        return super().reducer_override(obj)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .. import _native
+from .. import _callables, _native, _process
 from ._arguments import _CallState
 from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold
 from ._worker import _home_token, _process_chunk, _reraise, _run_plain, _worker_init
@@ -63,6 +64,13 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         kw = {}
         if max_tasks_per_child is not None:
             kw["max_tasks_per_child"] = max_tasks_per_child
+        if mp_context is None:  # the standard library's choice
+            method = "spawn" if max_tasks_per_child is not None else None
+            mp_context = multiprocessing.get_context(method)
+        # memshare's processes: the user's initializer goes by value if the
+        # workers cannot import it, and so do the tasks' callables.
+        mp_context = _process.as_memshare_context(mp_context)
+        self._main_by_ref = _callables.main_by_reference(mp_context.get_start_method())
         super().__init__(
             max_workers,
             mp_context,
@@ -84,7 +92,8 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
 
     def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
         """Schedules ``fn(*args, **kwargs)``; large arguments are shared once."""
-        return self._submit_with(_CallState(self._share_threshold), fn, args, kwargs)
+        state = _CallState(self._share_threshold, self._main_by_ref)
+        return self._submit_with(state, fn, args, kwargs)
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
         """``map(fn, *iterables)`` in the workers, results in order; large
@@ -92,7 +101,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        state = _CallState(self._share_threshold)
+        state = _CallState(self._share_threshold, self._main_by_ref)
         fs = [
             self._submit_with(state, _process_chunk, (fn, chunk), {})
             for chunk in _chunks(zip(*iterables, strict=False), chunksize)

@@ -1,5 +1,5 @@
 """Results: pickling in the worker (:class:`_ResultPickler` for ``Pool``,
-:func:`_share_result` for the Executor) and unpickling in the parent.
+:func:`_executor_result` for the Executor) and unpickling in the parent.
 
 A worker's large private arrays are copied into shared memory once and travel
 by handle; arrays already in shared memory go by handle as they are.
@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import pickle
 import types
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 
+from .. import _callables
 from .._array import _block_of, _encode_dtype, _rebuild, share_array
 from ._config import _count
 from ._stdlib import MaybeEncodingError
@@ -29,9 +29,10 @@ def set_worker_threshold(threshold: int | None) -> None:
     _worker_threshold = threshold
 
 
-class _ResultPickler(ForkingPickler):
+class _ResultPickler(_callables.Pickler):
     """Pickles a worker's result: shared arrays by handle, large private
-    arrays copied into shared memory first."""
+    arrays copied into shared memory first; classes and functions the parent
+    cannot look up (those that came by value) by value."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
@@ -50,7 +51,7 @@ class _ResultPickler(ForkingPickler):
                 _encode_dtype(obj.dtype), obj.dtype.itemsize, obj.shape, obj.strides, offset
             )
             return (_rebuild, (message,))
-        return NotImplemented
+        return super().reducer_override(obj)
 
 
 class _Packed:
@@ -93,6 +94,17 @@ def _pack(value: Any) -> Any:
     except Exception as e:  # same error as the standard library's
         raise MaybeEncodingError(e, value) from None
     return _Packed(f.getvalue())
+
+
+def _executor_result(obj: Any) -> Any:
+    """An Executor result as the standard library's executor sends it back:
+    large private arrays shared; if our ``__main__`` is not the parent's (the
+    parent is a notebook), wrapped so that objects of classes that came by
+    value go back by value."""
+    obj = _share_result(obj)
+    if _is_plain(obj) or _callables.main_is_reimported():
+        return obj
+    return _callables.by_value(obj)
 
 
 def _share_result(obj: Any, depth: int = 0) -> Any:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from .. import _native
+from .. import _callables, _native, _process
 from . import _stdlib
 from ._arguments import _CallState
 from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold
@@ -67,6 +67,10 @@ class Pool(_stdlib.StdPool):
         self._progress_arg = progress
         self._health = _Health()
         _stdlib.set_process_factory(self, functools.partial(_make_process, self._health))
+        # memshare's processes: the user's initializer goes by value if the
+        # workers cannot import it, and so do the tasks' callables.
+        context = _process.as_memshare_context(context)
+        self._main_by_ref = _callables.main_by_reference(context.get_start_method())
         super().__init__(
             processes,
             _worker_init,
@@ -106,7 +110,10 @@ class Pool(_stdlib.StdPool):
         try:
             for i, batch in enumerate(batches):
                 func, items = batch
-                if isinstance(func, _PLAIN_FUNCTIONS) and (
+                if (
+                    isinstance(func, _PLAIN_FUNCTIONS)
+                    and _callables.by_reference(func, state.main_by_ref)
+                ) and (
                     _ATOMIC.issuperset(map(type, items))
                     or all(type(x) is tuple and _is_plain(x) for x in items)
                 ):
@@ -150,7 +157,7 @@ class Pool(_stdlib.StdPool):
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):  # noqa: B006
         """Asynchronous ``func(*args, **kwds)``; see ``multiprocessing.pool.Pool``."""
         self._check_running()
-        state = _CallState(self._share_threshold)
+        state = _CallState(self._share_threshold, self._main_by_ref)
         result = _ApplyResult(self, callback, error_callback)
         result._track(state, None, False)
         job = _stdlib.job_of(result)
@@ -169,7 +176,7 @@ class Pool(_stdlib.StdPool):
                 chunksize += 1
         if len(iterable) == 0:
             chunksize = 0
-        state = _CallState(self._share_threshold)
+        state = _CallState(self._share_threshold, self._main_by_ref)
         task_batches = _stdlib.get_tasks(func, iterable, chunksize)
         result = _MapResult(self, chunksize, len(iterable), callback, error_callback=error_callback)
         if result.ready():  # an empty iterable
@@ -184,7 +191,7 @@ class Pool(_stdlib.StdPool):
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         total = _len_or_none(iterable)
-        state = _CallState(self._share_threshold)
+        state = _CallState(self._share_threshold, self._main_by_ref)
         result = cls(self)
         result._track(state, *self._bar(total))
         job = _stdlib.job_of(result)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _allocator, _native
-from ._packing import _pack, _share_result, set_worker_threshold
+from ._packing import _executor_result, _pack, set_worker_threshold
 
 
 def _home_token() -> str | None:
@@ -56,7 +56,7 @@ def _run_packed(payload: bytes) -> Any:
 def _run_plain(payload: bytes) -> Any:
     """Executor task: unpickle the call, run it, share a large result."""
     fn, args, kwds = pickle.loads(payload)
-    return _share_result(fn(*args, **kwds))
+    return _executor_result(fn(*args, **kwds))
 
 
 def _process_chunk(fn: Callable, chunk: list[tuple]) -> list:
