@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benches"))
 
-from _util import conditions, load  # noqa: E402
+from _util import conditions, load
 
 
 def versions() -> str:
