@@ -373,7 +373,25 @@ fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, P
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let s = home()?.stats().map_err(to_pyerr)?;
-    stats_dict(py, s)
+    let d = stats_dict(py, s)?;
+    d.set_item("lock_acquisitions", arena::lock_acquisitions())?;
+    d.set_item("populated_bytes", arena::populated_bytes())?;
+    Ok(d)
+}
+
+/// Waits up to `timeout` seconds for this process's background populating
+/// of received blocks to finish; True if it has (tests and benchmarks).
+#[pyfunction]
+fn populate_idle(py: Python<'_>, timeout: f64) -> PyResult<bool> {
+    let timeout = std::time::Duration::try_from_secs_f64(timeout)
+        .map_err(|_| PyValueError::new_err("timeout must be a non-negative number of seconds"))?;
+    Ok(py.detach(|| arena::populate_idle(timeout)))
+}
+
+/// Blocks at least this many bytes are populated ahead of use when received.
+#[pyfunction]
+fn populate_min() -> usize {
+    arena::POPULATE_MIN
 }
 
 /// Sets the arena's byte limit (None: no limit but the file system's).
@@ -488,6 +506,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_array, m)?)?;
     m.add_function(wrap_pyfunction!(find, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
+    m.add_function(wrap_pyfunction!(populate_idle, m)?)?;
+    m.add_function(wrap_pyfunction!(populate_min, m)?)?;
     m.add_function(wrap_pyfunction!(set_limit, m)?)?;
     m.add_function(wrap_pyfunction!(reap, m)?)?;
     m.add_function(wrap_pyfunction!(arena_token, m)?)?;
