@@ -54,6 +54,55 @@ def run(processes: int) -> tuple[float, float]:
     return processes * CYCLES / (t1 - t0), locks / (processes * CYCLES)
 
 
+SCALING = """\
+### How the allocation design scales to 64 or more cores
+
+Today every allocation, free, handle sent and handle received takes the one
+arena-wide robust mutex for a few hundred nanoseconds (best-fit bins, a
+holder bit, a pin slot). On 2 cores that lock is never the bottleneck (the
+table above: the rate of several processes is that of the cores, not of the
+lock). It will be at 64 cores: a futex-backed mutex that many processes
+contend for serialises them, and its cache line moves between cores on every
+acquisition, so the rate of the whole machine stays that of one core
+(roughly 1-3 million transactions/s) while the work per core shrinks. The
+figures that tell how close a workload is: `ms.stats()["lock_acquisitions"]`
+per task (see the Pool and Queue tables: workload (a) takes about 17 per task
+today, the goal is 4).
+
+The design that scales (not built yet; the counts above are its baseline):
+
+1. **Per-process caches of free blocks in size classes** (powers of two from
+   64 KiB up to the segment growth step). A free goes to the freeing
+   process's cache when it is the block's last holder; an allocation of that
+   class is served from the cache with no shared lock. The shared heap sees
+   only batches: a cache over its budget (e.g. 64 MiB or 8 blocks per class)
+   returns half of it in one transaction, so N frees cost N/8 lock
+   acquisitions instead of N.
+2. **Ownership stays in shared memory.** A cached block keeps a header state
+   CACHED with the owner's (slot, epoch), so crash repair, which already runs
+   under the mutex when a holder dies (EOWNERDEAD) or when `reap` finds a
+   dead slot, returns a dead process's cached blocks to the bins exactly as it
+   frees its held blocks. On exit the process flushes its caches in one
+   transaction.
+3. **Hand-offs without the lock.** Sending a handle pins the block in the
+   pin table (one transaction) and receiving consumes it (another). With a
+   per-process pin range (each slot owns a slice of the pin table; only its
+   owner writes it, the receiver clears it with one atomic compare-exchange)
+   both go lock-free; the holder bitmap is already per slot and can be set
+   with an atomic OR.
+4. **More arenas than one.** Past a few hundred cores even batched traffic
+   on one lock is a hotspot; the control header can hold several heaps (one
+   per NUMA node or per group of slots), each with its own mutex, and a block
+   reference already names its segment, so a free finds its heap without a
+   lookup.
+
+With 1-3, a task that receives a cached frame and returns a result of a
+cached size class takes no shared lock in the steady state; the mutex is left
+for growth, batch returns and repair, whose rate does not grow with the core
+count.
+"""
+
+
 def main() -> None:
     print("## Allocation\n")
     print(f"_{conditions()}_\n")
@@ -85,6 +134,7 @@ def main() -> None:
             rows,
         )
     )
+    print(SCALING)
 
 
 if __name__ == "__main__":

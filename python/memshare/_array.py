@@ -10,6 +10,7 @@ process maps the same memory.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import multiprocessing.reduction
 import pickle
@@ -46,7 +47,9 @@ def _encode_dtype(dt: np.dtype) -> str:
     return "descr:" + repr(np.lib.format.dtype_to_descr(dt))
 
 
+@functools.lru_cache(maxsize=256)
 def _decode_dtype(s: str) -> np.dtype:
+    # Cached: every array received decodes one, and a program sends few dtypes.
     if s.startswith("descr:"):
         return np.lib.format.descr_to_dtype(ast.literal_eval(s[len("descr:") :]))
     return np.dtype(s)
