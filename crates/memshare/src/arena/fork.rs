@@ -128,6 +128,7 @@ fn after_fork_in_parent() {
 
 /// In the child after `fork()`: switch to the reserved slots.
 fn after_fork_in_child() {
+    super::txn::reset_lock_acquisitions();
     for_each_local(|local| match local.fork.take() {
         Some(f) => local.claimed(f.fd, f.slot, f.epoch),
         // Not prepared (no free slot, or attached after the reservation):
