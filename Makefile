@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
 NATIVE_SOURCES := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
-PY_DEPS := maturin numpy pandas pyarrow polars scipy pytest pytest-timeout hypothesis ruff tqdm
+PY_DEPS := maturin numpy pandas pyarrow polars scipy pytest pytest-timeout hypothesis ruff tqdm joblib
 BENCH_DEPS := joblib matplotlib ray
 
 .PHONY: help setup demo test test-rust test-python test-slow lint fmt bench clean

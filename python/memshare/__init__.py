@@ -12,6 +12,12 @@ import multiprocessing.util
 import os
 
 from . import _frames, _native
+from ._errors import (
+    CorruptSegmentError,
+    HandleError,
+    SharedMemoryError,
+    StaleHandleError,
+)
 from ._allocator import allocate_in_shared_memory
 from ._array import (
     SharedArray,
@@ -23,17 +29,13 @@ from ._array import (
     zeros,
     zeros_like,
 )
-from ._native import (
-    CorruptSegmentError,
-    HandleError,
-    SharedMemoryError,
-    StaleHandleError,
-)
 from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
 from ._queue import JoinableQueue, Queue
 from ._share import share
+from ._sharing import DEFAULT_SHARE_THRESHOLD, dumps, loads
 
 __all__ = [
+    "DEFAULT_SHARE_THRESHOLD",
     "CorruptSegmentError",
     "HandleError",
     "JoinableQueue",
@@ -45,11 +47,13 @@ __all__ = [
     "StaleHandleError",
     "WorkerLostError",
     "allocate_in_shared_memory",
+    "dumps",
     "empty",
     "empty_like",
     "full",
     "full_like",
     "is_shared",
+    "loads",
     "reap",
     "set_limit",
     "share",
