@@ -6,18 +6,20 @@ PIP := $(VENV)/bin/pip
 STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
 NATIVE_SOURCES := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
-PY_DEPS := maturin numpy pandas pyarrow polars scipy pytest pytest-timeout hypothesis ruff tqdm joblib
-BENCH_DEPS := joblib matplotlib ray
+# Development tools are pinned in requirements/*.txt (see requirements/README.md):
+# add a name to requirements/*.in, then `make lock`.
+UV_VERSION := 0.13.9
+LOCK := $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.10 \
+	--custom-compile-command 'make lock'
 
-.PHONY: help setup demo test test-rust test-python test-slow lint fmt bench clean
+.PHONY: help setup demo test test-rust test-python test-slow lint fmt bench lock lock-upgrade clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP_DEPS): Makefile
+$(STAMP_DEPS): Makefile requirements/test.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(PY_DEPS)
+	$(PIP) install --quiet -r requirements/test.txt
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(NATIVE_SOURCES)
@@ -54,8 +56,18 @@ fmt: $(STAMP_DEPS) ## Format Rust and Python sources
 	$(VENV)/bin/ruff check --fix python tests benches examples
 
 bench: setup ## Run the benchmarks (prints tables, writes BENCHMARKS.md)
-	$(PIP) install --quiet $(BENCH_DEPS)
+	$(PIP) install --quiet -r requirements/bench.txt
 	$(PY) benches/run_all.py
+
+lock: ## Pin requirements/*.in into requirements/*.txt (keeps existing pins)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet uv==$(UV_VERSION)
+	$(LOCK) $(LOCK_FLAGS) requirements/test.in -o requirements/test.txt
+	$(LOCK) $(LOCK_FLAGS) requirements/bench.in -c requirements/test.txt -o requirements/bench.txt
+	$(LOCK) $(LOCK_FLAGS) requirements/wheel.in -c requirements/test.txt -o requirements/wheel.txt
+
+lock-upgrade: LOCK_FLAGS := --upgrade
+lock-upgrade: lock ## Re-pin requirements/*.txt to the newest versions
 
 clean: ## Remove build products and the virtualenv
 	cargo clean

@@ -83,3 +83,28 @@ def test_gc_removes_arena_of_killed_process_only():
 def test_cli_usage_errors_exit_2():
     assert run_cli("frobnicate").returncode == 2
     assert run_cli().returncode == 2
+
+
+def test_dir_before_or_after_the_command(tmp_path):
+    a = ms.share(np.ones(10))
+    shm_dir = _native.shm_dir()
+    for args in (["--dir", shm_dir, "ls", "--json"], ["ls", "--json", "--dir", shm_dir]):
+        out = run_cli(*args)
+        assert out.returncode == 0, out.stderr
+        assert _native.arena_token() in {x["token"] for x in json.loads(out.stdout)}, args
+    for args in (["--dir", str(tmp_path), "ls"], ["ls", "--dir", str(tmp_path)]):
+        out = run_cli(*args)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"no memshare arenas in {tmp_path}", args
+    for args in (
+        ["--dir", str(tmp_path), "gc", "--json"],
+        ["gc", "--json", "--dir", str(tmp_path)],
+    ):
+        out = run_cli(*args)
+        assert json.loads(out.stdout) == {"removed": [], "dry_run": False}, args
+    del a
+
+
+def test_version_flag():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"memshare {ms.__version__}"

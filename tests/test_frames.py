@@ -33,6 +33,7 @@ from hypothesis import strategies as st  # noqa: E402
 import memshare  # noqa: E402
 from memshare import _frames  # noqa: E402
 from memshare._array import is_shared, share_array  # noqa: E402
+from memshare._frames import _objects  # noqa: E402
 
 TIMEOUT = 120  # seconds, for every blocking call
 PANDAS3 = int(pd.__version__.split(".")[0]) >= 3
@@ -614,12 +615,12 @@ def test_sharing_a_shared_frame_does_not_copy():
 def test_object_strings_without_pyarrow(monkeypatch):
     """The pure-Python large_string codec matches pyarrow's, both ways."""
     values = np.array(["a", None, "\u00e9t\u00e9", "", None, "x" * 300], dtype=object)
-    with_pa = _frames._encode_strings(values)
-    monkeypatch.setattr(_frames, "_has_pyarrow", lambda: False)
-    without = _frames._encode_strings(values)
+    with_pa = _objects._encode_strings(values)
+    monkeypatch.setattr(_objects, "_has_pyarrow", lambda: False)
+    without = _objects._encode_strings(values)
     for a, b in zip(with_pa[:3], without[:3], strict=True):
         np.testing.assert_array_equal(a, b)
-    decoded = _frames._decode_strings(len(values), *with_pa)
+    decoded = _objects._decode_strings(len(values), *with_pa)
     assert decoded.tolist() == values.tolist()
     df = pd.DataFrame(
         {"s": pd.Series(values, dtype=object), "n": np.arange(6)},
@@ -665,7 +666,7 @@ def test_imports_only_numpy():
         assert _frames.share_frame(np.arange(3), share_array) is NotImplemented
         assert _frames.register_reducers(lambda t, f: None) == []
         try:
-            _frames._require("pandas")
+            _frames._spec._require("pandas")
         except ImportError as e:
             assert "pandas" in str(e), e
         else:

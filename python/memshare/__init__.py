@@ -30,9 +30,13 @@ from ._array import (
     zeros_like,
 )
 from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
+from ._process import Process, get_context
 from ._queue import JoinableQueue, Queue
 from ._share import share
 from ._sharing import DEFAULT_SHARE_THRESHOLD, dumps, loads
+
+__version__: str = _native.__version__
+"""memshare's version (the Rust crates' version from Cargo.toml)."""
 
 __all__ = [
     "DEFAULT_SHARE_THRESHOLD",
@@ -40,6 +44,7 @@ __all__ = [
     "HandleError",
     "JoinableQueue",
     "Pool",
+    "Process",
     "ProcessPoolExecutor",
     "Queue",
     "SharedArray",
@@ -52,6 +57,7 @@ __all__ = [
     "empty_like",
     "full",
     "full_like",
+    "get_context",
     "is_shared",
     "loads",
     "reap",

@@ -1,7 +1,10 @@
 """``memshare`` command line: inspect and clean shared memory.
 
-    memshare ls [--json] [--dir DIR]       list arenas, their processes and usage
-    memshare gc [--dry-run] [--dir DIR]    remove arenas whose every process is dead
+    memshare ls [--json] [--dir DIR]              list arenas, their processes and usage
+    memshare gc [--dry-run] [--json] [--dir DIR]  remove arenas whose every process is dead
+    memshare --version
+
+``--dir`` may also come before the command (``memshare --dir DIR ls``).
 
 Exit codes: 0 success, 1 an arena could not be read or removed, 2 bad usage.
 """
@@ -13,6 +16,8 @@ import json
 import sys
 
 from . import _native
+
+_DIR_HELP = "segment directory (default: $MEMSHARE_DIR or /dev/shm)"
 
 
 def _size(n: int | None) -> str:
@@ -65,12 +70,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memshare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", help="segment directory (default: $MEMSHARE_DIR or /dev/shm)")
+    parser.add_argument("--dir", help=_DIR_HELP)
+    parser.add_argument("--version", action="version", version=f"memshare {_native.__version__}")
+    # --dir after the command too; SUPPRESS keeps a --dir given before it.
+    with_dir = argparse.ArgumentParser(add_help=False)
+    with_dir.add_argument("--dir", default=argparse.SUPPRESS, help=_DIR_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", help="list arenas with their processes and usage")
+    ls = sub.add_parser("ls", parents=[with_dir], help="list arenas with their processes and usage")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
-    gc = sub.add_parser("gc", help="remove arenas whose every process is dead")
+    gc = sub.add_parser("gc", parents=[with_dir], help="remove arenas whose every process is dead")
     gc.add_argument("--dry-run", action="store_true", help="show what would be removed")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     gc.set_defaults(func=cmd_gc)

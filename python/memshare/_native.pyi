@@ -4,6 +4,7 @@ from collections.abc import Buffer
 from os import PathLike
 
 HANDLE_LEN: int
+__version__: str
 
 class HandleError(ValueError): ...
 class StaleHandleError(HandleError): ...

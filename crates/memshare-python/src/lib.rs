@@ -445,6 +445,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CorruptSegmentError", py.get_type::<CorruptSegmentError>())?;
     m.add("SharedMemoryError", py.get_type::<SharedMemoryError>())?;
     m.add("HANDLE_LEN", memshare::handle::HANDLE_LEN)?;
+    // The one version number: Cargo's, which maturin also writes into the wheel.
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(alloc, m)?)?;
     m.add_function(wrap_pyfunction!(copy_into, m)?)?;
     m.add_function(wrap_pyfunction!(open_handle, m)?)?;

@@ -37,9 +37,6 @@ pub const NBINS: usize = 48;
 /// Byte offset in the control file where per-slot OFD liveness locks start.
 pub const SLOT_LOCK_BASE: u64 = 1 << 40;
 
-/// No block / end of a list.
-pub const NIL: u64 = u64::MAX;
-
 pub const BLOCK_FREE: u32 = 1;
 pub const BLOCK_LIVE: u32 = 2;
 
@@ -52,17 +49,38 @@ pub const BLOCK_OWNS_PINS: u32 = 2;
 /// `pin_slot` value in a handle whose pin is owned by a block.
 pub const OWNED_PIN_SLOT: u32 = 0xffff;
 
-/// A block reference: segment index in the top 16 bits, header offset below.
-pub fn block_ref(seg: u32, offset: u64) -> u64 {
-    ((seg as u64) << 48) | offset
-}
+/// Where a block's header lives: segment index in the top 16 bits, byte
+/// offset of the header in that segment below. Stored as-is in shared
+/// memory (free lists, pin table), hence `repr(transparent)`.
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct BlockRef(u64);
 
-pub fn ref_seg(r: u64) -> u32 {
-    (r >> 48) as u32
-}
+impl BlockRef {
+    /// No block / end of a list.
+    pub const NIL: BlockRef = BlockRef(u64::MAX);
 
-pub fn ref_offset(r: u64) -> u64 {
-    r & ((1 << 48) - 1)
+    pub fn new(segment: u32, offset: u64) -> BlockRef {
+        BlockRef(((segment as u64) << 48) | offset)
+    }
+
+    pub fn segment(self) -> u32 {
+        (self.0 >> 48) as u32
+    }
+
+    /// Byte offset of the block header in its segment.
+    pub fn offset(self) -> u64 {
+        self.0 & ((1 << 48) - 1)
+    }
+
+    /// Byte offset of the payload in its segment.
+    pub fn payload_offset(self) -> u64 {
+        self.offset() + BLOCK_HEADER
+    }
+
+    pub fn is_nil(self) -> bool {
+        self == BlockRef::NIL
+    }
 }
 
 #[repr(C, align(64))]
@@ -87,15 +105,15 @@ pub struct ProcSlot {
 
 #[repr(C)]
 pub struct PinEntry {
-    /// Block pinned by an in-flight handle, `NIL` if the entry is free.
-    pub block: u64,
+    /// Block pinned by an in-flight handle, `BlockRef::NIL` if the entry is free.
+    pub block: BlockRef,
     pub generation: u64,
     pub slot: u32,
     pub epoch: u32,
-    /// A block that owns the pin (a queue holding a message), `NIL` if the
+    /// A block that owns the pin (a queue holding a message), `BlockRef::NIL` if the
     /// pin belongs to process `slot` instead. An owned pin lives as long as
     /// its owner block, whatever happens to the process that made it.
-    pub owner: u64,
+    pub owner: BlockRef,
     pub owner_generation: u64,
 }
 
@@ -118,7 +136,7 @@ pub struct CtlHeader {
     pub segment_count: u32,
     pub pin_cursor: u32,
     pub pins_in_use: u64,
-    pub bins: [u64; NBINS],
+    pub bins: [BlockRef; NBINS],
     pub segments: [SegmentEntry; MAX_SEGMENTS],
     pub slots: [ProcSlot; MAX_PROCS],
     pub pins: [PinEntry; MAX_PINS],
@@ -153,8 +171,8 @@ pub struct BlockHeader {
     pub flags: u32,
     pub _pad: u32,
     /// Free-list links (valid while FREE).
-    pub free_next: u64,
-    pub free_prev: u64,
+    pub free_next: BlockRef,
+    pub free_prev: BlockRef,
     /// Bit `i` set: process slot `i` holds at least one reference.
     pub holders: [u64; HOLDER_WORDS],
 }
@@ -180,9 +198,11 @@ mod tests {
 
     #[test]
     fn refs_roundtrip() {
-        let r = block_ref(4095, (1 << 40) + 128);
-        assert_eq!(ref_seg(r), 4095);
-        assert_eq!(ref_offset(r), (1 << 40) + 128);
+        let r = BlockRef::new(4095, (1 << 40) + 128);
+        assert_eq!(r.segment(), 4095);
+        assert_eq!(r.offset(), (1 << 40) + 128);
+        assert_eq!(r.payload_offset(), (1 << 40) + 256);
+        assert!(BlockRef::NIL.is_nil() && !r.is_nil());
     }
 
     #[test]

@@ -1,0 +1,183 @@
+//! Administration: usage figures, `memshare ls` (inspect without attaching)
+//! and `memshare gc` (remove the files of arenas whose every process died).
+
+use std::path::Path;
+
+use super::naming::{ctl_path, hex, parse_hex};
+use super::slots::{slot_lock_offset, SlotInfo};
+use super::txn::Txn;
+use super::Arena;
+use crate::error::{Error, Result};
+use crate::layout::*;
+use crate::sys::{self, RobustMutex};
+
+/// Usage figures of an arena, counting the blocks of every attached process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub bytes_reserved: u64,
+    pub bytes_in_use: u64,
+    pub live_blocks: u64,
+    pub segments: u64,
+    pub pins: u64,
+    pub processes: u64,
+    pub limit: u64,
+}
+
+impl Stats {
+    fn of(ctl: &CtlHeader) -> Stats {
+        Stats {
+            bytes_reserved: ctl.bytes_reserved,
+            bytes_in_use: ctl.bytes_in_use,
+            live_blocks: ctl.live_blocks,
+            segments: ctl.segment_count as u64,
+            pins: ctl.pins_in_use,
+            processes: ctl.slots.iter().filter(|s| s.state == SLOT_ALIVE).count() as u64,
+            limit: ctl.limit,
+        }
+    }
+}
+
+impl Txn<'_> {
+    fn stats(&self) -> Stats {
+        Stats::of(self.ctl)
+    }
+}
+
+impl Arena {
+    /// Usage figures across every process attached to the arena.
+    pub fn stats(&self) -> Result<Stats> {
+        self.with_txn(|txn| Ok(txn.stats()))
+    }
+
+    /// Sets the byte limit of the arena (for every attached process).
+    pub fn set_limit(&self, limit: u64) -> Result<()> {
+        self.with_txn(|txn| {
+            txn.ctl.limit = limit;
+            Ok(())
+        })
+    }
+
+    /// Releases what dead processes held. Returns true if any were found.
+    pub fn reap(&self) -> Result<bool> {
+        self.with_txn(|txn| txn.reap())
+    }
+
+    /// Reads an arena's figures and process slots without attaching to it
+    /// (for `memshare ls`): nothing is changed, no slot is taken.
+    pub fn inspect(dir: &Path, token: [u8; 16]) -> Result<(Stats, Vec<SlotInfo>)> {
+        let path = ctl_path(dir, &token);
+        let fd = sys::open_file(&path)?;
+        let map = Self::map_ctl(&path, &fd)?;
+        let ctl_ptr = map.ptr() as *mut CtlHeader;
+        // SAFETY: the mutex lies inside the validated control mapping.
+        let mutex =
+            unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
+        mutex.lock()?;
+        // SAFETY: we hold the arena mutex; we only read.
+        let ctl = unsafe { &*ctl_ptr };
+        let stats = Stats::of(ctl);
+        // `fd` is a fresh open file description holding no lock, so every
+        // live holder shows up as a conflict.
+        let slots = (0..MAX_PROCS as u32)
+            .filter(|&s| ctl.slots[s as usize].state == SLOT_ALIVE)
+            .map(|s| SlotInfo {
+                slot: s,
+                pid: ctl.slots[s as usize].pid,
+                alive: sys::ofd_is_locked(&fd, slot_lock_offset(s), 1),
+            })
+            .collect();
+        mutex.unlock();
+        Ok((stats, slots))
+    }
+
+    /// Tokens of the arenas whose control segment is in `dir`.
+    pub fn list(dir: &Path) -> Vec<[u8; 16]> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<[u8; 16]> = entries
+            .filter_map(|e| parse_hex(e.ok()?.file_name().to_str()?.strip_prefix("memshare-")?))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Removes the files of arenas in `dir` whose every process is dead.
+    /// Returns the tokens removed (or that would be, with `dry_run`).
+    pub fn collect_garbage(dir: &Path, dry_run: bool) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(removed);
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in &names {
+            let Some(rest) = name.strip_prefix("memshare-") else {
+                continue;
+            };
+            let Some(token) = parse_hex(rest) else {
+                continue;
+            };
+            let path = dir.join(name);
+            let Ok(fd) = sys::open_file(&path) else {
+                continue;
+            };
+            let dead = match Self::map_ctl(&path, &fd) {
+                Ok(map) => {
+                    // SAFETY: the mutex lies inside the validated control mapping.
+                    let mutex = unsafe {
+                        RobustMutex::from_ptr(
+                            std::ptr::addr_of_mut!((*(map.ptr() as *mut CtlHeader)).mutex).cast(),
+                        )
+                    };
+                    mutex.lock()?;
+                    let dead = sys::ofd_lock(&fd, SLOT_LOCK_BASE, MAX_PROCS as u64, false)?;
+                    if dead && !dry_run {
+                        // SAFETY: we hold the arena mutex.
+                        unsafe { (*(map.ptr() as *mut CtlHeader)).magic = 0 };
+                        remove_files(dir, &token, &names);
+                    }
+                    mutex.unlock();
+                    dead
+                }
+                Err(Error::PermissionDenied { .. }) => false,
+                // Not ours to judge if another user's; a corrupt one with no
+                // live lock holder is garbage.
+                Err(_) => {
+                    let dead = sys::ofd_lock(&fd, SLOT_LOCK_BASE, MAX_PROCS as u64, false)
+                        .unwrap_or(false);
+                    if dead && !dry_run {
+                        remove_files(dir, &token, &names);
+                    }
+                    dead
+                }
+            };
+            if dead {
+                removed.push(hex(&token));
+            }
+        }
+        // Data segments whose control segment is gone (creator died mid-grow).
+        for name in &names {
+            if let Some(rest) = name.strip_prefix("memshare-") {
+                if let Some((tok, _)) = rest.split_once('-') {
+                    if let Some(token) = parse_hex(tok) {
+                        if !ctl_path(dir, &token).exists() && !dry_run {
+                            sys::unlink(&dir.join(name));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn remove_files(dir: &Path, token: &[u8; 16], names: &[String]) {
+    let prefix = format!("memshare-{}-", hex(token));
+    for n in names.iter().filter(|n| n.starts_with(&prefix)) {
+        sys::unlink(&dir.join(n));
+    }
+    sys::unlink(&ctl_path(dir, token));
+}

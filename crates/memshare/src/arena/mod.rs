@@ -1,0 +1,319 @@
+//! The arena: named shared segments carved into 64-byte-aligned blocks, with
+//! cross-process reference counts.
+//!
+//! Modules by job: `naming` (paths, tokens, size settings), `txn` (the
+//! metadata under the arena mutex), `heap` (blocks, bins, split/merge,
+//! growth), `holders` (cross-process references), `pins` (in-flight handles),
+//! `repair` (crash recovery), `slots` (process slots, liveness, leaving),
+//! `fork`, `local` (this process's references and mappings), `admin`
+//! (stats, `ls`, `gc`) and `block` (`Block`, `PrivateView`).
+//!
+//! Lifetime rules (see docs/how-it-works.md):
+//! - Each attached process owns a *slot*; it holds an OFD lock on the slot's
+//!   byte of the control file for as long as it lives. The kernel drops that
+//!   lock when the process dies by any means, so a slot whose state says ALIVE
+//!   but whose lock is free belongs to a dead process.
+//! - A block is alive while any slot's bit is set in its holder bitmap or any
+//!   in-flight handle pins it. Inside one process, references are counted
+//!   locally; the shared bit is set on the first and cleared on the last.
+//! - All metadata changes happen under one robust process-shared mutex. When a
+//!   holder dies mid-change, the next locker gets EOWNERDEAD and rebuilds the
+//!   free lists, pin counts and statistics from the block headers, which are
+//!   written so that a walk of the segment is consistent at every instant.
+
+mod admin;
+mod block;
+mod fork;
+mod heap;
+mod holders;
+mod local;
+mod naming;
+mod pins;
+mod repair;
+mod slots;
+mod txn;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+pub use admin::Stats;
+pub use block::{release_raw, Block, PrivateView};
+pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
+pub use slots::SlotInfo;
+
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::layout::*;
+use crate::sys::{self, Mapping, RobustMutex};
+use local::{lock_local, Local, LocalRef};
+use txn::Txn;
+
+struct Inner {
+    token: [u8; 16],
+    dir: PathBuf,
+    ctl: Mapping,
+    local: Mutex<Local>,
+}
+
+/// A process's attachment to one arena. Cheap to clone.
+#[derive(Clone)]
+pub struct Arena {
+    inner: Arc<Inner>,
+}
+
+/// Process-wide table of attached arenas, so that one process attaches to an
+/// arena once and the fork handlers can find every attachment.
+fn attached() -> &'static Mutex<Vec<Weak<Inner>>> {
+    static ATTACHED: OnceLock<Mutex<Vec<Weak<Inner>>>> = OnceLock::new();
+    ATTACHED.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+impl Arena {
+    /// Creates a new arena in `dir` (normally /dev/shm).
+    pub fn create(dir: &Path) -> Result<Arena> {
+        let mut token = [0u8; 16];
+        sys::random_bytes(&mut token)?;
+        let mut mac_key = [0u8; 16];
+        sys::random_bytes(&mut mac_key)?;
+        let path = ctl_path(dir, &token);
+        let fd = sys::create_file(&path, CTL_SIZE)?;
+        let map = Mapping::new(&fd, CTL_SIZE as usize)?;
+        let ctl_ptr = map.ptr() as *mut CtlHeader;
+        // SAFETY: fresh zero-filled mapping of CTL_SIZE bytes that no other
+        // process can see before the magic is written below.
+        let ctl = unsafe { &mut *ctl_ptr };
+        ctl.version = LAYOUT_VERSION;
+        ctl.header_size = CTL_SIZE as u32;
+        ctl.token = token;
+        ctl.mac_key = mac_key;
+        ctl.limit = std::env::var("MEMSHARE_LIMIT")
+            .ok()
+            .and_then(|s| parse_size(&s))
+            .unwrap_or(u64::MAX);
+        ctl.bins = [BlockRef::NIL; NBINS];
+        for p in ctl.pins.iter_mut() {
+            p.block = BlockRef::NIL;
+            p.owner = BlockRef::NIL;
+        }
+        // SAFETY: the mutex field is inside the mapping and 64-byte aligned.
+        let mutex = unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!(ctl.mutex).cast()) };
+        mutex.init()?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        ctl.magic = CTL_MAGIC;
+        Self::finish_attach(dir, token, fd, map)
+    }
+
+    /// Attaches to an existing arena by token.
+    pub fn attach(dir: &Path, token: [u8; 16]) -> Result<Arena> {
+        {
+            let list = attached().lock().unwrap_or_else(|p| p.into_inner());
+            for w in list.iter() {
+                if let Some(inner) = w.upgrade() {
+                    if inner.token == token
+                        && inner.dir == dir
+                        && !lock_local(&inner.local).detached
+                    {
+                        return Ok(Arena { inner });
+                    }
+                }
+            }
+        }
+        let path = ctl_path(dir, &token);
+        let fd = sys::open_file(&path)?;
+        let map = Self::map_ctl(&path, &fd)?;
+        Self::finish_attach(dir, token, fd, map)
+    }
+
+    fn map_ctl(path: &Path, fd: &OwnedFd) -> Result<Mapping> {
+        let corrupt = |why: &str| Error::Corrupt {
+            path: path.display().to_string(),
+            why: why.into(),
+        };
+        let (size, nlink, owner) = sys::fstat(fd)?;
+        if owner != sys::uid() {
+            return Err(Error::PermissionDenied {
+                path: path.display().to_string(),
+            });
+        }
+        if nlink == 0 {
+            return Err(Error::StaleHandle("the arena has been removed".into()));
+        }
+        if size < CTL_SIZE {
+            return Err(corrupt(&format!(
+                "control segment has {size} bytes, expected {CTL_SIZE}"
+            )));
+        }
+        let map = Mapping::new(fd, CTL_SIZE as usize)?;
+        // SAFETY: the mapping holds CTL_SIZE bytes; the fields read are plain integers.
+        let ctl = unsafe { &*(map.ptr() as *const CtlHeader) };
+        if ctl.magic != CTL_MAGIC {
+            return Err(corrupt("not a memshare control segment (bad magic)"));
+        }
+        if ctl.version != LAYOUT_VERSION || ctl.header_size as u64 != CTL_SIZE {
+            return Err(corrupt(&format!(
+                "layout version {} is not {} (made by another memshare version)",
+                ctl.version, LAYOUT_VERSION
+            )));
+        }
+        Ok(map)
+    }
+
+    fn finish_attach(dir: &Path, token: [u8; 16], ctl_fd: OwnedFd, ctl: Mapping) -> Result<Arena> {
+        // Our own open file description, so our slot lock is ours alone.
+        let fd = sys::reopen(&ctl_path(dir, &token))?;
+        drop(ctl_fd);
+        let inner = Arc::new(Inner {
+            token,
+            dir: dir.to_path_buf(),
+            ctl,
+            local: Mutex::new(Local::new(fd)),
+        });
+        {
+            let mut local = lock_local(&inner.local);
+            let fd = sys::reopen(&ctl_path(dir, &token))?;
+            let mut txn = inner.txn(&mut local)?;
+            let (slot, epoch) = txn.claim_slot(&fd)?;
+            drop(txn);
+            local.fd = fd;
+            local.slot = slot;
+            local.epoch = epoch;
+        }
+        attached()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&inner));
+        Ok(Arena { inner })
+    }
+
+    pub fn token(&self) -> [u8; 16] {
+        self.inner.token
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub(crate) fn mac_key(&self) -> [u8; 16] {
+        // SAFETY: the key is written once at creation, before the magic, and
+        // never changes; reading it needs no lock.
+        unsafe { (*self.inner.ctl_ptr()).mac_key }
+    }
+
+    fn with_txn<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<T>) -> Result<T> {
+        let mut local = lock_local(&self.inner.local);
+        if local.detached {
+            return Err(Error::StaleHandle(
+                "this process has detached from the arena (interpreter shutting down)".into(),
+            ));
+        }
+        let mut txn = self.inner.txn(&mut local)?;
+        f(&mut txn)
+    }
+
+    /// Allocates `len` bytes. The returned block holds one reference.
+    pub fn alloc(&self, len: usize, readonly: bool) -> Result<Block> {
+        let flags = if readonly { BLOCK_READONLY } else { 0 };
+        let mut local = lock_local(&self.inner.local);
+        if local.detached {
+            return Err(Error::StaleHandle(
+                "this process has detached from the arena".into(),
+            ));
+        }
+        let (r, generation, ptr, size) = {
+            let mut txn = self.inner.txn(&mut local)?;
+            let (r, generation) = txn.alloc(len as u64, flags)?;
+            let ptr = txn.payload_ptr(r)?;
+            let size = txn.hdr(r)?.size;
+            (r, generation, ptr, size)
+        };
+        local.refs.insert(
+            ptr as usize,
+            LocalRef {
+                bref: r,
+                generation,
+                size,
+                count: 1,
+                readonly,
+            },
+        );
+        local.by_ref.insert(r, ptr as usize);
+        Ok(Block {
+            arena: self.clone(),
+            bref: r,
+            generation,
+            ptr,
+            len,
+            capacity: size as usize,
+            readonly,
+        })
+    }
+
+    /// Opens a handle (possibly made by another process), adopting its pin.
+    pub fn open(&self, h: &Handle) -> Result<Block> {
+        if h.token != self.inner.token {
+            return Err(Error::InvalidHandle(
+                "handle belongs to another arena".into(),
+            ));
+        }
+        h.verify(&self.mac_key())?;
+        let mut local = lock_local(&self.inner.local);
+        if local.detached {
+            return Err(Error::StaleHandle(
+                "this process has detached from the arena".into(),
+            ));
+        }
+        let r = BlockRef::new(h.segment, h.offset);
+        let (ptr, size, flags) = {
+            let mut txn = self.inner.txn(&mut local)?;
+            let (size, flags) = txn.check_handle(h)?;
+            txn.consume_pin(h)?;
+            let slot = txn.local.slot;
+            txn.set_holder(r, slot, true)?;
+            (txn.payload_ptr(r)?, size, flags)
+        };
+        let entry = local.refs.entry(ptr as usize).or_insert(LocalRef {
+            bref: r,
+            generation: h.generation,
+            size,
+            count: 0,
+            readonly: flags & BLOCK_READONLY != 0,
+        });
+        entry.count += 1;
+        local.by_ref.insert(r, ptr as usize);
+        Ok(Block {
+            arena: self.clone(),
+            bref: r,
+            generation: h.generation,
+            ptr,
+            len: h.len as usize,
+            capacity: size as usize,
+            readonly: flags & BLOCK_READONLY != 0,
+        })
+    }
+
+    pub(super) fn pin(
+        &self,
+        bref: BlockRef,
+        generation: u64,
+        owner: Option<(BlockRef, u64)>,
+    ) -> Result<(u32, u32, u32)> {
+        self.with_txn(|txn| txn.pin(bref, generation, owner))
+    }
+
+    /// Every arena this process is attached to.
+    pub fn all_attached() -> Vec<Arena> {
+        let mut list = attached().lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.iter()
+            .filter_map(|w| w.upgrade())
+            .map(|inner| Arena { inner })
+            .collect()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.leave();
+    }
+}

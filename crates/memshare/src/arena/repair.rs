@@ -1,0 +1,189 @@
+//! Crash repair. When a process dies (its slot lock is gone) or dies inside
+//! the mutex (EOWNERDEAD), the survivors rebuild all derived metadata from
+//! the block headers, which are consistent at every instant.
+
+use super::naming::seg_path;
+use super::txn::Txn;
+use crate::error::{Error, Result};
+use crate::layout::*;
+use crate::sys;
+
+impl Txn<'_> {
+    /// Releases everything held by processes that died. Returns true if any
+    /// process was reaped.
+    pub(super) fn reap(&mut self) -> Result<bool> {
+        self.ctl.last_reap_ns = sys::monotonic_ns();
+        let dead: Vec<u32> = (0..MAX_PROCS as u32)
+            .filter(|&s| self.ctl.slots[s as usize].state == SLOT_ALIVE && !self.slot_alive(s))
+            .collect();
+        if dead.is_empty() {
+            return Ok(false);
+        }
+        self.repair()?;
+        Ok(true)
+    }
+
+    /// Rebuilds all derived metadata from the block headers: releases the
+    /// references and pins of dead processes, recounts pins, frees unreferenced
+    /// blocks, merges free neighbours and rebuilds the bins and statistics.
+    pub(super) fn repair(&mut self) -> Result<()> {
+        let mut dead = [0u64; HOLDER_WORDS];
+        for s in 0..MAX_PROCS as u32 {
+            let slot = &self.ctl.slots[s as usize];
+            if slot.state == SLOT_ALIVE && !self.slot_alive(s) {
+                dead[s as usize / 64] |= 1 << (s % 64);
+                let slot = &mut self.ctl.slots[s as usize];
+                // Pins of a crashed process die with it (its epoch ends here).
+                let epoch = slot.epoch;
+                slot.state = SLOT_FREE;
+                for p in self.ctl.pins.iter_mut() {
+                    if !p.block.is_nil() && p.slot == s && p.epoch == epoch {
+                        p.block = BlockRef::NIL;
+                    }
+                }
+            }
+        }
+        // Pass 1: clear dead holders and pin counts everywhere.
+        let segs = self.ctl.segment_count;
+        for seg in 0..segs {
+            let mut r = BlockRef::new(seg, SEG_HEADER);
+            loop {
+                let h = self.hdr(r)?;
+                if h.magic != BLOCK_MAGIC {
+                    return Err(Error::Corrupt {
+                        path: seg_path(&self.inner.dir, &self.inner.token, seg)
+                            .display()
+                            .to_string(),
+                        why: "block chain broken".into(),
+                    });
+                }
+                for (w, d) in h.holders.iter_mut().zip(dead.iter()) {
+                    *w &= !d;
+                }
+                h.pins = 0;
+                let size = h.size;
+                match self.next_of(r, size) {
+                    Some(n) => r = n,
+                    None => break,
+                }
+            }
+        }
+        // Pass 2: recount pins from the pin table.
+        let mut pins_in_use = 0;
+        for i in 0..MAX_PINS {
+            let p = &self.ctl.pins[i];
+            if p.block.is_nil() {
+                continue;
+            }
+            let (r, generation, owner, owner_generation) =
+                (p.block, p.generation, p.owner, p.owner_generation);
+            let ok = r.segment() < segs
+                && {
+                    let h = self.hdr(r)?;
+                    h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
+                }
+                && (owner.is_nil()
+                    || owner.segment() < segs && {
+                        let oh = self.hdr(owner)?;
+                        oh.magic == BLOCK_MAGIC
+                            && oh.state == BLOCK_LIVE
+                            && oh.generation == owner_generation
+                    });
+            if ok {
+                self.hdr(r)?.pins += 1;
+                pins_in_use += 1;
+            } else {
+                self.ctl.pins[i].block = BlockRef::NIL;
+            }
+        }
+        self.ctl.pins_in_use = pins_in_use;
+        // Pass 2b: a block about to be freed (its last holder died) releases
+        // the pins it owns, as `free_block` does, transitively (a dropped
+        // queue frees the messages still inside it).
+        loop {
+            let mut changed = false;
+            for i in 0..MAX_PINS {
+                let p = &self.ctl.pins[i];
+                if p.block.is_nil() || p.owner.is_nil() {
+                    continue;
+                }
+                let (target, owner) = (p.block, p.owner);
+                if self.unreferenced(owner)? {
+                    self.ctl.pins[i].block = BlockRef::NIL;
+                    self.ctl.pins_in_use -= 1;
+                    let th = self.hdr(target)?;
+                    th.pins = th.pins.saturating_sub(1);
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        // Pass 3: free unreferenced blocks, merge neighbours, rebuild bins and stats.
+        self.ctl.bins = [BlockRef::NIL; NBINS];
+        let (mut in_use, mut live) = (0, 0);
+        for seg in 0..segs {
+            let mut r = BlockRef::new(seg, SEG_HEADER);
+            let mut prev: Option<BlockRef> = None;
+            loop {
+                if self.unreferenced(r)? {
+                    self.hdr(r)?.state = BLOCK_FREE;
+                }
+                let prev_size = match prev {
+                    Some(p) => self.hdr(p)?.size,
+                    None => 0,
+                };
+                let (state, size) = {
+                    let h = self.hdr(r)?;
+                    h.prev_size = prev_size;
+                    (h.state, h.size)
+                };
+                let next = self.next_of(r, size);
+                let merged = match prev {
+                    Some(p) if state == BLOCK_FREE && self.hdr(p)?.state == BLOCK_FREE => {
+                        self.hdr(p)?.size = prev_size + BLOCK_HEADER + size;
+                        true
+                    }
+                    _ => false,
+                };
+                if !merged {
+                    if state == BLOCK_LIVE {
+                        in_use += size;
+                        live += 1;
+                    } else {
+                        let h = self.hdr(r)?;
+                        h.generation = 0;
+                        h.holders = [0; HOLDER_WORDS];
+                    }
+                    prev = Some(r);
+                }
+                match next {
+                    Some(n) => r = n,
+                    None => break,
+                }
+            }
+            // Insert the free blocks of this segment now that their sizes are final.
+            let mut r = BlockRef::new(seg, SEG_HEADER);
+            loop {
+                let (state, size) = {
+                    let h = self.hdr(r)?;
+                    (h.state, h.size)
+                };
+                if state == BLOCK_FREE {
+                    self.bin_insert(r)?;
+                }
+                match self.next_of(r, size) {
+                    Some(n) => {
+                        self.hdr(n)?.prev_size = size;
+                        r = n
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.ctl.bytes_in_use = in_use;
+        self.ctl.live_blocks = live;
+        Ok(())
+    }
+}

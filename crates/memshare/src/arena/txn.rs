@@ -1,0 +1,173 @@
+//! The metadata of an arena while its robust mutex is held: the control
+//! header, and the block headers of the segments this process maps.
+
+use std::sync::Arc;
+
+use super::naming::seg_path;
+use super::{Inner, Local};
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::layout::*;
+use crate::sys::{self, LockState, Mapping, RobustMutex};
+
+/// The metadata of an arena while its mutex is held.
+pub(super) struct Txn<'a> {
+    pub(super) inner: &'a Inner,
+    pub(super) local: &'a mut Local,
+    pub(super) ctl: &'a mut CtlHeader,
+    mutex: RobustMutex,
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        self.mutex.unlock();
+    }
+}
+
+impl Inner {
+    pub(super) fn ctl_ptr(&self) -> *mut CtlHeader {
+        self.ctl.ptr().cast()
+    }
+
+    /// Locks the shared mutex; repairs the metadata first if a holder died.
+    pub(super) fn txn<'a>(&'a self, local: &'a mut Local) -> Result<Txn<'a>> {
+        let ctl_ptr = self.ctl_ptr();
+        // SAFETY: the control mapping is at least CTL_SIZE bytes (checked on
+        // attach) and the mutex field lies inside it, 64-byte aligned.
+        let mutex =
+            unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
+        let state = mutex.lock()?;
+        // SAFETY: we now hold the arena mutex, which every process takes before
+        // touching the control header, so this is the only live reference to it.
+        let ctl = unsafe { &mut *ctl_ptr };
+        let mut txn = Txn {
+            inner: self,
+            local,
+            ctl,
+            mutex,
+        };
+        if txn.ctl.magic != CTL_MAGIC {
+            return Err(Error::StaleHandle("the arena has been removed".into()));
+        }
+        if state == LockState::OwnerDied {
+            txn.repair()?;
+        }
+        Ok(txn)
+    }
+}
+
+impl<'a> Txn<'a> {
+    /// The base address of segment `seg`, mapping it on first use.
+    pub(super) fn seg_base(&mut self, seg: u32) -> Result<*mut u8> {
+        let idx = seg as usize;
+        if idx >= self.ctl.segment_count as usize {
+            return Err(Error::InvalidHandle(format!(
+                "segment {seg} does not exist"
+            )));
+        }
+        if let Some(Some(m)) = self.local.segments.get(idx) {
+            return Ok(m.ptr());
+        }
+        let path = seg_path(&self.inner.dir, &self.inner.token, seg);
+        let expected = self.ctl.segments[idx].size;
+        let fd = sys::open_file(&path)?;
+        let (size, _, _) = sys::fstat(&fd)?;
+        if size != expected || size < SEG_HEADER + BLOCK_HEADER {
+            return Err(Error::Corrupt {
+                path: path.display().to_string(),
+                why: format!("size {size}, expected {expected}"),
+            });
+        }
+        let map = Mapping::new(&fd, size as usize)?;
+        // SAFETY: the mapping is `size` >= SEG_HEADER bytes long and page aligned.
+        let hdr = unsafe { &*(map.ptr() as *const SegHeader) };
+        if hdr.magic != SEG_MAGIC
+            || hdr.version != LAYOUT_VERSION
+            || hdr.index != seg
+            || hdr.token != self.inner.token
+            || hdr.size != size
+        {
+            return Err(Error::Corrupt {
+                path: path.display().to_string(),
+                why: "bad segment header".into(),
+            });
+        }
+        let ptr = map.ptr();
+        self.local.set_segment(idx, map);
+        Ok(ptr)
+    }
+
+    pub(super) fn seg_size(&self, seg: u32) -> u64 {
+        self.ctl.segments[seg as usize].size
+    }
+
+    /// The header of block `r`. Offsets come from trusted metadata or from
+    /// handles whose MAC was verified and whose bounds were checked.
+    pub(super) fn hdr(&mut self, r: BlockRef) -> Result<&'a mut BlockHeader> {
+        let (seg, off) = (r.segment(), r.offset());
+        let base = self.seg_base(seg)?;
+        if off < SEG_HEADER || off % ALIGN != 0 || off + BLOCK_HEADER > self.seg_size(seg) {
+            return Err(Error::InvalidHandle(format!(
+                "block offset {off} is outside segment {seg}"
+            )));
+        }
+        // SAFETY: `off + BLOCK_HEADER` is within the mapped segment and 64-byte
+        // aligned; we hold the arena mutex, so no other process writes headers.
+        Ok(unsafe { &mut *(base.add(off as usize) as *mut BlockHeader) })
+    }
+
+    pub(super) fn payload_ptr(&mut self, r: BlockRef) -> Result<*mut u8> {
+        let base = self.seg_base(r.segment())?;
+        // SAFETY: callers pass refs of blocks whose header was validated, so
+        // the payload offset lies within the segment mapping.
+        Ok(unsafe { base.add(r.payload_offset() as usize) })
+    }
+
+    /// The block after `r` (of payload `size`) in its segment, if any.
+    pub(super) fn next_of(&mut self, r: BlockRef, size: u64) -> Option<BlockRef> {
+        let next = r.payload_offset() + size;
+        (next + BLOCK_HEADER <= self.seg_size(r.segment()))
+            .then(|| BlockRef::new(r.segment(), next))
+    }
+}
+
+impl super::Local {
+    /// Records this process's mapping of segment `idx`.
+    pub(super) fn set_segment(&mut self, idx: usize, map: Mapping) {
+        if self.segments.len() <= idx {
+            self.segments.resize_with(idx + 1, || None);
+        }
+        self.segments[idx] = Some(Arc::new(map));
+    }
+}
+
+impl Txn<'_> {
+    /// Validates a handle against the live metadata. Returns the block's
+    /// (payload capacity, flags).
+    pub(super) fn check_handle(&mut self, h: &Handle) -> Result<(u64, u32)> {
+        let seg = h.segment;
+        if seg >= self.ctl.segment_count {
+            return Err(Error::InvalidHandle(format!(
+                "segment {seg} does not exist in this arena"
+            )));
+        }
+        let seg_size = self.seg_size(seg);
+        if h.offset < SEG_HEADER || h.offset % ALIGN != 0 || h.offset + BLOCK_HEADER > seg_size {
+            return Err(Error::InvalidHandle("block offset out of range".into()));
+        }
+        let r = BlockRef::new(seg, h.offset);
+        let hdr = self.hdr(r)?;
+        if hdr.magic != BLOCK_MAGIC {
+            return Err(Error::InvalidHandle("no block at that offset".into()));
+        }
+        if hdr.state != BLOCK_LIVE || hdr.generation != h.generation {
+            return Err(Error::StaleHandle(
+                "the shared object was freed before this handle was opened (every process dropped it)".into(),
+            ));
+        }
+        if h.len > hdr.size || h.offset + BLOCK_HEADER + hdr.size > seg_size {
+            return Err(Error::InvalidHandle("length exceeds the block".into()));
+        }
+        Ok((hdr.size, hdr.flags))
+    }
+}

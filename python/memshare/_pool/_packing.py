@@ -1,0 +1,143 @@
+"""Results: pickling in the worker (:class:`_ResultPickler` for ``Pool``,
+:func:`_executor_result` for the Executor) and unpickling in the parent.
+
+A worker's large private arrays are copied into shared memory once and travel
+by handle; arrays already in shared memory go by handle as they are.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from typing import Any
+
+import numpy as np
+
+from .. import _callables
+from .._array import _block_of, _encode_dtype, _rebuild, share_array
+from ._config import _count
+from ._stdlib import MaybeEncodingError
+
+#: The worker's ``share_threshold`` (set by ``_worker_init``; None: off).
+_worker_threshold: int | None = None
+
+
+def set_worker_threshold(threshold: int | None) -> None:
+    """Set the threshold above which this worker shares its results."""
+    global _worker_threshold
+    _worker_threshold = threshold
+
+
+class _ResultPickler(_callables.Pickler):
+    """Pickles a worker's result: shared arrays by handle, large private
+    arrays copied into shared memory first; classes and functions the parent
+    cannot look up (those that came by value) by value."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+            found = _block_of(obj)
+            if found is None:
+                thr = _worker_threshold
+                if thr is None or obj.nbytes < thr:
+                    return NotImplemented
+                obj = share_array(obj)
+                _count("shared_results")
+                found = _block_of(obj)
+                if found is None:  # pragma: no cover
+                    return NotImplemented
+            block, offset = found
+            message = block.array_message(
+                _encode_dtype(obj.dtype), obj.dtype.itemsize, obj.shape, obj.strides, offset
+            )
+            return (_rebuild, (message,))
+        return super().reducer_override(obj)
+
+
+class _Packed:
+    """A result pickled in the worker, unpickled by the parent's result
+    object (so a result that cannot be rebuilt fails its own call only)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        return (_Packed, (self.data,))
+
+    def load(self) -> Any:
+        return pickle.loads(self.data)
+
+
+_ATOMIC = frozenset({int, float, bool, str, bytes, complex, type(None)})
+_PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _is_plain(value: Any) -> bool:
+    """True for values that cannot hold shared memory (atomic, or a list or
+    tuple of atomic values): they need no memshare pickling at all."""
+    t = type(value)
+    if t in _ATOMIC:
+        return True
+    if t is list or t is tuple:
+        return _ATOMIC.issuperset(map(type, value))
+    return False
+
+
+def _pack(value: Any) -> Any:
+    if _is_plain(value):
+        return value
+    f = io.BytesIO()
+    try:
+        _ResultPickler(f, pickle.HIGHEST_PROTOCOL).dump(value)
+    except Exception as e:  # same error as the standard library's
+        raise MaybeEncodingError(e, value) from None
+    return _Packed(f.getvalue())
+
+
+def _executor_result(obj: Any) -> Any:
+    """An Executor result as the standard library's executor sends it back:
+    large private arrays shared; if our ``__main__`` is not the parent's (the
+    parent is a notebook), wrapped so that objects of classes that came by
+    value go back by value."""
+    obj = _share_result(obj)
+    if _is_plain(obj) or _callables.main_is_reimported():
+        return obj
+    return _callables.by_value(obj)
+
+
+def _share_result(obj: Any, depth: int = 0) -> Any:
+    """Executor results: large private arrays (in containers too) to shared memory."""
+    if isinstance(obj, np.ndarray):
+        thr = _worker_threshold
+        if (
+            thr is not None
+            and obj.nbytes >= thr
+            and not obj.dtype.hasobject
+            and _block_of(obj) is None
+        ):
+            _count("shared_results")
+            return share_array(obj)
+        return obj
+    if depth < 4:
+        t = type(obj)
+        if t is list or t is tuple:
+            items = [_share_result(v, depth + 1) for v in obj]
+            if any(a is not b for a, b in zip(items, obj, strict=False)):
+                return t(items)
+        elif t is dict:
+            new = {k: _share_result(v, depth + 1) for k, v in obj.items()}
+            if any(new[k] is not v for k, v in obj.items()):
+                return new
+    return obj
+
+
+def _unpack(obj: tuple[bool, Any]) -> tuple[bool, Any]:
+    success, value = obj
+    if success and type(value) is _Packed:
+        try:
+            return True, value.load()
+        except Exception as e:  # delivered to the caller
+            return False, e
+    return obj

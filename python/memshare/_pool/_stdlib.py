@@ -1,0 +1,347 @@
+"""The one place where memshare touches CPython's private multiprocessing names.
+
+memshare's ``Pool`` is a subclass of ``multiprocessing.pool.Pool``: it reuses
+the stdlib's scheduling, chunking and shutdown, and so depends on attributes
+and hooks that the stdlib does not document (``_taskqueue``, ``_cache``,
+``_outqueue._reader``, ``ApplyResult._set`` ...). Every such access is a
+function or a name here, so that a change in a new CPython version breaks
+this module (and :func:`self_check`) only.
+
+This module imports only the standard library: ``python -I _stdlib.py`` runs
+:func:`self_check` on any interpreter without memshare being installed (the
+tests do that for every supported CPython version).
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import multiprocessing.pool as _mp_pool
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.pool import (
+    INIT,
+    RUN,
+    TERMINATE,
+    ApplyResult,
+    IMapIterator,
+    IMapUnorderedIterator,
+    MapResult,
+    MaybeEncodingError,
+    mapstar,
+)
+from typing import Any
+
+__all__ = [
+    "INIT",
+    "OVERRIDDEN_HOOKS",
+    "RUN",
+    "TERMINATE",
+    "ApplyResult",
+    "IMapIterator",
+    "IMapUnorderedIterator",
+    "MapResult",
+    "MaybeEncodingError",
+    "StdPool",
+    "detach_result",
+    "drain_task_queue",
+    "end_iterator_with",
+    "fail_apply_result",
+    "fail_map_result",
+    "failed_task",
+    "get_tasks",
+    "is_released",
+    "iterator_condition",
+    "job_of",
+    "make_iterator_reentrant",
+    "mapstar",
+    "pool_state",
+    "prepare_pool",
+    "put_tasks",
+    "queue_locks",
+    "result_cache",
+    "result_reader",
+    "self_check",
+    "set_process_factory",
+    "set_result_getter",
+    "stop_worker_handler",
+    "task",
+    "worker_processes",
+]
+
+StdPool = _mp_pool.Pool
+
+#: Private stdlib methods that memshare's subclasses override, with the
+#: parameters the stdlib calls them with (checked by :func:`self_check`).
+OVERRIDDEN_HOOKS: tuple[tuple[type, str, tuple[str, ...]], ...] = (
+    (StdPool, "_setup_queues", ("self",)),
+    (StdPool, "_check_running", ("self",)),
+    (
+        StdPool,
+        "_map_async",
+        ("self", "func", "iterable", "mapper", "chunksize", "callback", "error_callback"),
+    ),
+    (StdPool, "_help_stuff_finish", ("inqueue", "task_handler", "size")),
+    (ApplyResult, "_set", ("self", "i", "obj")),
+    (MapResult, "_set", ("self", "i", "success_result")),
+    (IMapIterator, "_set", ("self", "i", "obj")),
+    (IMapIterator, "_set_length", ("self", "length")),
+    (IMapUnorderedIterator, "_set", ("self", "i", "obj")),
+)
+
+
+# --- the pool ----------------------------------------------------------------
+
+
+def prepare_pool(pool: StdPool) -> None:
+    """What ``Pool.__init__`` sets first, so that ``__del__`` and
+    ``terminate`` work on a pool whose ``__init__`` failed early."""
+    pool._pool = []
+    pool._state = INIT
+
+
+def set_process_factory(pool: StdPool, factory: Callable[..., Any]) -> None:
+    """``factory(ctx, *args, **kwds)`` makes the pool's worker processes (the
+    stdlib hands ``pool.Process`` to its worker handler thread)."""
+    pool.Process = factory
+
+
+def pool_state(pool: StdPool) -> str:
+    """``RUN``, ``CLOSE`` or ``TERMINATE``."""
+    return pool._state
+
+
+def result_cache(pool: StdPool) -> dict:
+    """The pool's pending calls: job id -> result object."""
+    return pool._cache
+
+
+def worker_processes(pool: StdPool) -> list:
+    """The pool's current worker process objects."""
+    return list(pool._pool)
+
+
+def result_reader(pool: StdPool) -> Any:
+    """The parent's end of the results pipe (a ``Connection``)."""
+    return pool._outqueue._reader
+
+
+def set_result_getter(pool: StdPool, get: Callable[[], Any]) -> None:
+    """Make the result handler thread receive results with ``get()``; call
+    from ``_setup_queues`` after the stdlib's own."""
+    pool._quick_get = get
+
+
+def queue_locks(pool: StdPool) -> tuple[Any, Any]:
+    """The results queue's write lock and the task queue's read lock (either
+    may be ``None``): the locks a worker holds while it talks to the pool."""
+    return pool._outqueue._wlock, pool._inqueue._rlock
+
+
+def stop_worker_handler(pool: StdPool) -> None:
+    """Stop the worker handler thread from starting new workers."""
+    pool._worker_handler._state = TERMINATE
+
+
+def drain_task_queue(
+    inqueue: Any, task_handler: threading.Thread, lock_timeout: float, drain_for: float
+) -> None:
+    """``Pool._help_stuff_finish`` with bounds: it never blocks forever on a
+    lock a dead worker held, and drains until the task handler has stopped
+    (at most ``drain_for`` seconds)."""
+    inqueue._rlock.acquire(timeout=lock_timeout)
+    deadline = time.monotonic() + drain_for
+    while task_handler.is_alive() and time.monotonic() < deadline:
+        try:
+            if inqueue._reader.poll(0.02):
+                inqueue._reader.recv_bytes()
+        except (OSError, EOFError):
+            break
+
+
+# --- tasks -------------------------------------------------------------------
+
+#: ``get_tasks(func, iterable, size)`` yields ``(func, chunk)`` batches.
+get_tasks = StdPool._get_tasks
+
+
+def task(job: int, i: int, func: Callable, args: tuple, kwds: dict | None = None) -> tuple:
+    """The stdlib's task tuple: the worker calls ``func(*args, **kwds)`` and
+    sends the outcome back for item ``i`` of call ``job``."""
+    return (job, i, func, args, {} if kwds is None else kwds)
+
+
+def failed_task(job: int, i: int, exc: BaseException) -> tuple:
+    """A task that raises ``exc`` in the worker, unwrapped (the stdlib's way
+    of reporting an error raised by the task iterator)."""
+    return (job, i, _mp_pool._helper_reraises_exception, (exc,), {})
+
+
+def put_tasks(
+    pool: StdPool, tasks: Iterator[tuple], set_length: Callable[[int], None] | None = None
+) -> None:
+    """Queue a call's tasks; ``set_length(n)`` is called once all were sent."""
+    pool._taskqueue.put((tasks, set_length))
+
+
+# --- result objects ----------------------------------------------------------
+
+
+def job_of(result: Any) -> int:
+    """The job id of a result object (its key in the pool's cache)."""
+    return result._job
+
+
+def is_released(result: Any) -> bool:
+    """True once the result object has dropped its pool: the call is over."""
+    return result._pool is None
+
+
+def _uncache(result: Any) -> None:
+    try:
+        del result._cache[result._job]
+    except KeyError:
+        pass
+
+
+def detach_result(result: Any) -> None:
+    """Remove a result object from its pool's cache and drop the pool."""
+    _uncache(result)
+    result._pool = None
+
+
+def fail_apply_result(result: ApplyResult, exc: BaseException) -> None:
+    """End an ``apply_async`` call with ``exc`` (callback, waiters, cache)."""
+    result._success, result._value = False, exc
+    if result._error_callback:
+        result._error_callback(exc)
+    result._event.set()
+    detach_result(result)
+
+
+def fail_map_result(result: MapResult, exc: BaseException) -> None:
+    """End a ``map_async`` call with ``exc``, unless a task already failed."""
+    result._number_left = 0
+    if result._success:
+        result._success, result._value = False, exc
+    if result._error_callback:
+        result._error_callback(result._value)
+    _uncache(result)
+    result._event.set()
+    result._pool = None
+
+
+def make_iterator_reentrant(it: IMapIterator) -> None:
+    """Give an ``imap`` iterator a reentrant lock, so that a subclass can hold
+    it around the stdlib's own locked code."""
+    it._cond = threading.Condition(threading.RLock())
+
+
+def iterator_condition(it: IMapIterator) -> threading.Condition:
+    """The condition that guards an ``imap`` iterator's items."""
+    return it._cond
+
+
+def end_iterator_with(it: IMapIterator, exc: BaseException) -> None:
+    """Make ``exc`` the iterator's next item and its end (hold its condition)."""
+    it._items.append((False, exc))
+    it._length = it._index
+    it._cond.notify()
+
+
+# --- self check --------------------------------------------------------------
+
+
+def self_check() -> None:
+    """Check that the names above exist and behave as memshare expects on this
+    interpreter (with a real fork pool). Raises AssertionError if not."""
+    for cls, name, params in OVERRIDDEN_HOOKS:
+        fn = inspect.getattr_static(cls, name, None)
+        assert fn is not None, f"{cls.__name__}.{name} is gone"
+        fn = getattr(fn, "__func__", fn)
+        got = tuple(inspect.signature(fn).parameters)
+        assert got == params, f"{cls.__name__}.{name}{got}, expected {params}"
+    assert callable(_mp_pool._helper_reraises_exception)
+    assert list(get_tasks(abs, [-1, -2, -3], 2)) == [(abs, (-1, -2)), (abs, (-3,))]
+    assert mapstar((abs, (-4, 5))) == [4, 5]
+
+    ctx = multiprocessing.get_context("fork")
+    pool = ctx.Pool(1)
+    try:
+        assert pool_state(pool) == RUN
+        assert len(worker_processes(pool)) == 1
+        assert isinstance(result_cache(pool), dict)
+        reader = result_reader(pool)
+        assert callable(reader.recv_bytes) and callable(reader.poll)
+        for lock in queue_locks(pool):
+            assert lock is None or (callable(lock.acquire) and callable(lock.release))
+
+        ok = ApplyResult(pool, None, None)
+        assert result_cache(pool)[job_of(ok)] is ok
+        put_tasks(pool, iter([task(job_of(ok), 0, abs, (-5,))]))
+        assert ok.get(timeout=60) == 5
+
+        raised = ApplyResult(pool, None, None)
+        put_tasks(pool, iter([failed_task(job_of(raised), 0, KeyError("k"))]))
+        try:
+            raised.get(timeout=60)
+        except KeyError:
+            pass
+        else:
+            raise AssertionError("failed_task did not raise")
+
+        exc = ValueError("failed")
+        seen: list = []
+        applied = ApplyResult(pool, None, seen.append)
+        fail_apply_result(applied, exc)
+        assert applied.ready() and not applied.successful() and seen == [exc]
+        assert is_released(applied) and job_of(applied) not in result_cache(pool)
+
+        mapped = MapResult(pool, 1, 2, None, seen.append)
+        fail_map_result(mapped, exc)
+        assert mapped.ready() and not mapped.successful() and seen == [exc, exc]
+        assert job_of(mapped) not in result_cache(pool)
+
+        it = IMapIterator(pool)
+        make_iterator_reentrant(it)
+        with iterator_condition(it), iterator_condition(it):  # reentrant
+            end_iterator_with(it, exc)
+        detach_result(it)
+        try:
+            it.next(timeout=60)
+        except ValueError as e:
+            assert e is exc
+        else:
+            raise AssertionError("the iterator did not end with the error")
+        try:
+            it.next(timeout=60)
+        except StopIteration:
+            pass
+        else:
+            raise AssertionError("the iterator did not stop after the error")
+    finally:
+        pool.terminate()
+        pool.join()
+    # The result handler thread releases a result just after its waiters wake.
+    assert is_released(ok) and job_of(ok) not in result_cache(pool)
+
+    stopped = ctx.Pool(1)
+    stop_worker_handler(stopped)
+    stopped.terminate()
+    stopped.join()
+    assert pool_state(stopped) == TERMINATE
+
+    queue = ctx.SimpleQueue()
+    idle = threading.Thread(target=lambda: None)
+    idle.start()
+    idle.join()
+    drain_task_queue(queue, idle, lock_timeout=5.0, drain_for=5.0)
+    assert not queue._rlock.acquire(False), "drain_task_queue must keep the read lock"
+    queue._rlock.release()
+    queue.close()
+
+
+if __name__ == "__main__":
+    self_check()
+    print("memshare stdlib adapter: ok")
