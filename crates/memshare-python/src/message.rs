@@ -3,7 +3,7 @@
 //! one transport call. `memshare._sharing` builds pickles on these.
 
 use memshare::message::{self, Encoder, Entry};
-use memshare::{ArrayMeta, Block, Handle};
+use memshare::{ArrayMeta, Block, Handle, Lease};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -18,7 +18,7 @@ type EntryIn<'py> = (PyRef<'py, PyBlock>, String, usize, Vec<usize>, Vec<isize>,
 /// dies), whether or not the messages were received.
 #[pyclass(frozen, module = "memshare._native", name = "Lease")]
 pub struct PyLease {
-    owner: Block,
+    lease: Lease,
 }
 
 #[pymethods]
@@ -27,8 +27,8 @@ impl PyLease {
     #[new]
     fn new(py: Python<'_>) -> PyResult<Self> {
         let arena = memshare::home().map_err(to_pyerr)?;
-        let owner = py.detach(|| arena.alloc(1, false)).map_err(to_pyerr)?;
-        Ok(PyLease { owner })
+        let lease = py.detach(|| arena.lease()).map_err(to_pyerr)?;
+        Ok(PyLease { lease })
     }
 
     fn __repr__(&self) -> String {
@@ -39,7 +39,7 @@ impl PyLease {
 /// A handle of `block` pinned by `lease`, or by this process.
 fn pinned(block: &Block, lease: Option<&PyLease>) -> memshare::Result<Handle> {
     match lease {
-        Some(l) => block.handle_owned_by(&l.owner),
+        Some(l) => block.handle_leased(&l.lease),
         None => block.handle(),
     }
 }

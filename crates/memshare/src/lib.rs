@@ -26,7 +26,7 @@ pub mod sys;
 
 use std::sync::{Mutex, OnceLock};
 
-pub use arena::{release_raw, Arena, Block, PrivateView, Stats};
+pub use arena::{release_raw, Arena, Block, Lease, PrivateView, Stats};
 pub use array::{ArrayMeta, Element, SharedArray};
 pub use error::{Error, Result};
 pub use handle::Handle;

@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 pub use admin::Stats;
 pub use block::{release_raw, Block, PrivateView};
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
+pub use pins::Lease;
 pub use slots::SlotInfo;
 
 use crate::error::{Error, Result};
@@ -92,9 +93,17 @@ impl Arena {
             .and_then(|s| parse_size(&s))
             .unwrap_or(u64::MAX);
         ctl.bins = [BlockRef::NIL; NBINS];
-        for p in ctl.pins.iter_mut() {
+        // Every pin entry is free, on the free list in index order.
+        for (i, p) in ctl.pins.iter_mut().enumerate() {
             p.block = BlockRef::NIL;
             p.owner = BlockRef::NIL;
+            p.kind = PIN_FREE;
+            p.prev = NO_PIN;
+            p.next = if i + 1 < MAX_PINS { i as u32 + 1 } else { NO_PIN };
+        }
+        ctl.pin_free = 0;
+        for s in ctl.slots.iter_mut() {
+            s.pin_head = NO_PIN;
         }
         // SAFETY: the mutex field is inside the mapping and 64-byte aligned.
         let mutex = unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!(ctl.mutex).cast()) };
@@ -290,15 +299,6 @@ impl Arena {
             capacity: size as usize,
             readonly: flags & BLOCK_READONLY != 0,
         })
-    }
-
-    pub(super) fn pin(
-        &self,
-        bref: BlockRef,
-        generation: u64,
-        owner: Option<(BlockRef, u64)>,
-    ) -> Result<(u32, u32, u32)> {
-        self.with_txn(|txn| txn.pin(bref, generation, owner))
     }
 
     /// Every arena this process is attached to.

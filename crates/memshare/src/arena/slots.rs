@@ -47,6 +47,10 @@ impl Txn<'_> {
                 slot.state = SLOT_ALIVE;
                 slot.epoch = slot.epoch.wrapping_add(1);
                 slot.pid = sys::pid();
+                // Pins of an earlier occupant that exited stay valid on
+                // lists of their own; the new process starts empty.
+                slot.pins = 0;
+                slot.pin_head = NO_PIN;
                 return Ok((s as u32, slot.epoch));
             }
         }
@@ -84,6 +88,7 @@ impl Inner {
             for (r, generation) in refs {
                 txn.drop_holder(r, generation)?;
             }
+            txn.end_leases_of_this_process()?;
             txn.ctl.slots[slot as usize].state = SLOT_FREE;
             sys::ofd_unlock(&txn.local.fd, slot_lock_offset(slot), 1);
             // Last one out: nobody holds a slot lock any more.
