@@ -11,20 +11,22 @@ resource-tracker workarounds. A frame is born in shared memory
 (``ms.empty``), travels as a ~200-byte handle, and is freed when the matcher
 drops it (here: when a newer frame of that camera replaces it).
 
+The same code runs from a notebook (paste it into a cell and call
+``run(ctx=ms.get_context("spawn"))``): memshare's processes send the cameras
+and matchers defined there by value.
+
 Run: python examples/producer_consumer.py [--frames N] [--no-sleep]
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import queue
 import time
 
 import numpy as np
 
 import memshare as ms
-from memshare._queue import Queue
 
 N_CAMERAS = 5
 N_MATCHERS = 2
@@ -86,9 +88,14 @@ def run(
     plain_frames: bool = False,
     ctx=None,
 ) -> dict:
-    """Runs the scenario; returns frames sent/skipped/matched and frames/s."""
-    ctx = ctx or mp.get_context()
-    make = queue_factory or Queue
+    """Runs the scenario; returns frames sent/skipped/matched and frames/s.
+
+    ``ctx`` is a multiprocessing context (default: memshare's of the default
+    start method); ``queue_factory(maxsize)`` makes the queues (default
+    ``ms.Queue``).
+    """
+    ctx = ctx or ms.get_context()
+    make = queue_factory or ms.Queue
     frames, results = make(maxsize), make()
     matchers = [ctx.Process(target=matcher, args=(frames, results)) for _ in range(N_MATCHERS)]
     cams = [

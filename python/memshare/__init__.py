@@ -81,10 +81,13 @@ def stats() -> dict:
 
 
 def set_limit(nbytes: int | None) -> None:
-    """Caps the arena's shared memory (all processes); None removes the cap.
+    """Caps the arena's shared memory (all processes); None or 0 removes the cap.
 
-    The environment variable ``MEMSHARE_LIMIT`` (e.g. ``8G``) sets it at start.
-    Allocations beyond it raise :class:`SharedMemoryError` (a ``MemoryError``).
+    The environment variable ``MEMSHARE_LIMIT`` sets it at start: bytes
+    (``1073741824``) or a number with K, M, G or T (``512M``, ``8G``, ``1.5G``);
+    ``0`` means no limit, and anything else raises ``ValueError`` naming the
+    variable. Allocations beyond the cap raise :class:`SharedMemoryError` (a
+    ``MemoryError``).
     """
     _native.set_limit(nbytes)
 

@@ -27,10 +27,11 @@ pyo3::import_exception!(memshare._errors, SharedMemoryError);
 pub fn to_pyerr(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::OutOfMemory { .. } | Error::NoSpace { .. } | Error::TooManyPins { .. } => {
-            SharedMemoryError::new_err(msg)
-        }
-        Error::PermissionDenied { .. } => PyPermissionError::new_err(msg),
+        Error::OutOfMemory { .. }
+        | Error::NoSpace { .. }
+        | Error::NoMemory { .. }
+        | Error::TooManyPins { .. } => SharedMemoryError::new_err(msg),
+        Error::PermissionDenied { .. } | Error::UnsafeDir { .. } => PyPermissionError::new_err(msg),
         Error::NotFound { .. } | Error::StaleHandle(_) => StaleHandleError::new_err(msg),
         Error::InvalidHandle(_) => HandleError::new_err(msg),
         Error::Corrupt { .. } => CorruptSegmentError::new_err(msg),
@@ -54,7 +55,7 @@ pub fn to_pyerr(e: Error) -> PyErr {
                 },
             )
         }
-        Error::Io { .. } => PyOSError::new_err(msg),
+        Error::Io { .. } | Error::Exists { .. } => PyOSError::new_err(msg),
     }
 }
 

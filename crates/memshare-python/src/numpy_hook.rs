@@ -69,28 +69,12 @@ struct HandlerBox {
     threshold: usize,
 }
 
-extern "C" {
-    fn malloc(size: usize) -> *mut c_void;
-    fn calloc(nelem: usize, elsize: usize) -> *mut c_void;
-    fn realloc(ptr: *mut c_void, size: usize) -> *mut c_void;
-    fn free(ptr: *mut c_void);
-    fn madvise(addr: *mut c_void, len: usize, advice: std::ffi::c_int) -> std::ffi::c_int;
-}
-
-/// Linux `MADV_POPULATE_WRITE` (5.14+): fault a range in with one call.
-const MADV_POPULATE_WRITE: std::ffi::c_int = 23;
-const PAGE: usize = 4096;
-
 /// Maps a block's pages into this process in one system call instead of one
-/// page fault per 4 KiB on first touch (a recycled block another process
+/// page fault per page on first touch (a recycled block another process
 /// used is new to this one). Best effort: older kernels refuse, nothing breaks.
 pub(crate) fn prefault(ptr: *mut u8, len: usize) {
-    let start = ptr as usize & !(PAGE - 1);
-    let end = (ptr as usize).saturating_add(len);
-    // SAFETY: the range lies in a live shared mapping of this process (the
-    // block, rounded down to its page); POPULATE_WRITE only faults pages in
-    // and never changes their contents.
-    unsafe { madvise(start as *mut c_void, end - start, MADV_POPULATE_WRITE) };
+    // SAFETY: the range is a live block of a shared mapping of this process.
+    unsafe { memshare::sys::prefault_write(ptr, len) };
 }
 
 /// The allocator for small arrays: numpy's default handler once known.
@@ -175,7 +159,7 @@ fn small_malloc(size: usize) -> *mut c_void {
         // SAFETY: numpy's default allocator with its own context, as numpy calls it.
         Some(s) => unsafe { (s.0.malloc)(s.0.ctx, size) },
         // SAFETY: plain libc malloc.
-        None => unsafe { malloc(size) },
+        None => unsafe { libc::malloc(size) },
     }
 }
 
@@ -184,7 +168,7 @@ fn small_calloc(nelem: usize, elsize: usize) -> *mut c_void {
         // SAFETY: as in `small_malloc`.
         Some(s) => unsafe { (s.0.calloc)(s.0.ctx, nelem, elsize) },
         // SAFETY: plain libc calloc.
-        None => unsafe { calloc(nelem, elsize) },
+        None => unsafe { libc::calloc(nelem, elsize) },
     }
 }
 
@@ -195,7 +179,7 @@ unsafe fn small_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
         // SAFETY: `ptr` came from this same allocator (caller's promise).
         Some(s) => unsafe { (s.0.realloc)(s.0.ctx, ptr, size) },
         // SAFETY: `ptr` came from libc malloc (caller's promise).
-        None => unsafe { realloc(ptr, size) },
+        None => unsafe { libc::realloc(ptr, size) },
     }
 }
 
@@ -206,7 +190,7 @@ unsafe fn small_free(ptr: *mut c_void, size: usize) {
         // SAFETY: `ptr` came from this same allocator (caller's promise).
         Some(s) => unsafe { (s.0.free)(s.0.ctx, ptr, size) },
         // SAFETY: `ptr` came from libc malloc (caller's promise).
-        None => unsafe { free(ptr) },
+        None => unsafe { libc::free(ptr) },
     }
 }
 

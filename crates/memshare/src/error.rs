@@ -50,9 +50,32 @@ pub enum Error {
         total: u64,
     },
 
-    /// A segment exists but belongs to someone else.
-    #[error("memshare: permission denied for shared memory segment {path}; segments are private (0600) to the user that created them")]
-    PermissionDenied { path: String },
+    /// A segment exists but is not ours to use (another user's, a symbolic
+    /// link, or readable by others).
+    #[error("memshare: refusing shared memory segment {path}: {why}; segments are private (0600) to the user that created them")]
+    PermissionDenied { path: String, why: String },
+
+    /// The segment directory lets other users replace our files.
+    #[error(
+        "memshare: refusing shared memory directory {path} (mode {mode:o}): other users can write \
+         it and it lacks the sticky bit, so they could replace segments; use a directory only you \
+         can write (MEMSHARE_DIR) or set its sticky bit (chmod +t)"
+    )]
+    UnsafeDir { path: String, mode: u32 },
+
+    /// A file of that name exists already (a name taken by someone else).
+    #[error("memshare: {path} exists already")]
+    Exists { path: String },
+
+    /// Memory-backed segments could not be reserved: the machine (or the
+    /// container's memory limit) has no room.
+    #[error(
+        "memshare: cannot reserve {} of memory for shared segments: the shared memory directory \
+         is full and the system (or this container's memory limit) has no memory left; free \
+         shared objects you no longer need, or give the container more memory",
+        human(*requested)
+    )]
+    NoMemory { requested: u64 },
 
     /// A segment named by a handle does not exist (any more).
     #[error("memshare: shared memory segment {path} does not exist; the data was freed because every process that held it exited")]

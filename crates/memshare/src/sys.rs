@@ -3,159 +3,291 @@
 //! talks to the kernel lives here, so the rest of the crate is safe code over
 //! the small types defined below.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
+use rustix::fs::{FallocateFlags, Mode, OFlags};
+use rustix::io::Errno;
+
 use crate::error::{Error, Result};
 
-fn cpath(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::InvalidArgument(format!("path {} contains a NUL byte", path.display())))
+fn os_error(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
 }
 
-fn open_error(path: &Path, err: io::Error) -> Error {
-    match err.raw_os_error() {
-        Some(libc::EACCES) | Some(libc::EPERM) => Error::PermissionDenied {
+fn open_error(path: &Path, e: Errno) -> Error {
+    match e {
+        Errno::ACCESS | Errno::PERM => Error::PermissionDenied {
             path: path.display().to_string(),
+            why: "not accessible to this user".into(),
         },
-        Some(libc::ENOENT) => Error::NotFound {
+        // O_NOFOLLOW met a symbolic link where a segment should be.
+        Errno::LOOP => Error::PermissionDenied {
+            path: path.display().to_string(),
+            why: "it is a symbolic link, not a segment".into(),
+        },
+        Errno::NOENT => Error::NotFound {
             path: path.display().to_string(),
         },
         _ => Error::Io {
             context: format!("opening {}", path.display()),
-            source: err,
+            source: os_error(e),
         },
     }
 }
 
-/// Creates `path` exclusively with owner-only permissions (0600) and reserves
-/// `size` bytes of backing store up front, so that a full tmpfs gives a clear
-/// error here instead of SIGBUS on first touch later.
-pub fn create_file(path: &Path, size: u64) -> Result<OwnedFd> {
-    let c = cpath(path)?;
-    // SAFETY: `c` is a valid NUL-terminated path; open has no other preconditions.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-            0o600,
-        )
-    };
-    if fd < 0 {
-        return Err(open_error(path, io::Error::last_os_error()));
+fn no_space(dir: &Path, requested: u64) -> Error {
+    let (total, available) = space(dir);
+    Error::NoSpace {
+        dir: dir.display().to_string(),
+        requested,
+        available,
+        total,
     }
-    // SAFETY: `fd` was just returned by open and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+}
+
+/// Reserves the backing store of `[offset, offset + len)` of `fd`, so that a
+/// full tmpfs gives a clear error here instead of SIGBUS on first touch later.
+/// `dir` names the file system in the error.
+pub fn reserve(fd: &OwnedFd, offset: u64, len: u64, dir: &Path) -> Result<()> {
+    loop {
+        return match rustix::fs::fallocate(fd, FallocateFlags::empty(), offset, len) {
+            Ok(()) => Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(Errno::NOSPC) | Err(Errno::FBIG) | Err(Errno::NOMEM) => Err(no_space(dir, len)),
+            Err(e) => Err(Error::Io {
+                context: format!("reserving {len} bytes in {}", dir.display()),
+                source: os_error(e),
+            }),
+        };
+    }
+}
+
+/// Gives the pages of `[offset, offset + len)` of `fd` back to the kernel
+/// (the file keeps its size; the range reads as zeros until it is written or
+/// reserved again). Best effort: returns false if the kernel refused.
+pub fn punch_hole(fd: &OwnedFd, offset: u64, len: u64) -> bool {
+    let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    rustix::fs::fallocate(fd, mode, offset, len).is_ok()
+}
+
+/// Creates `path` exclusively with owner-only permissions (0600) and reserves
+/// `size` bytes of backing store up front (see [`reserve`]). Never follows a
+/// symbolic link and never opens a file someone else made.
+pub fn create_file(path: &Path, size: u64) -> Result<OwnedFd> {
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let fd = rustix::fs::open(path, flags, Mode::from_raw_mode(0o600)).map_err(|e| match e {
+        Errno::EXIST => Error::Exists {
+            path: path.display().to_string(),
+        },
+        e => open_error(path, e),
+    })?;
     // The umask may have removed bits but never adds any; make 0600 explicit.
-    // SAFETY: valid fd, plain integer mode.
-    unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) };
-    // SAFETY: valid fd; posix_fallocate reports errors through its return value.
-    let rc = unsafe { libc::posix_fallocate(fd.as_raw_fd(), 0, size as libc::off_t) };
-    if rc != 0 {
-        // SAFETY: `c` is a valid path; removing the half-made file is best effort.
-        unsafe { libc::unlink(c.as_ptr()) };
-        if rc == libc::ENOSPC || rc == libc::EFBIG {
-            let (total, avail) = space(path.parent().unwrap_or(Path::new("/")));
-            return Err(Error::NoSpace {
-                dir: path
-                    .parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                requested: size,
-                available: avail,
-                total,
-            });
-        }
-        return Err(Error::Io {
-            context: format!("reserving {size} bytes for {}", path.display()),
-            source: io::Error::from_raw_os_error(rc),
-        });
+    let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600));
+    if let Err(e) = reserve(&fd, 0, size, path.parent().unwrap_or(Path::new("/"))) {
+        unlink(path);
+        return Err(e);
     }
     Ok(fd)
 }
 
-/// Opens an existing shared file read-write.
+/// Opens an existing shared file read-write, refusing symbolic links, files
+/// of another user and files that others may read or write.
 pub fn open_file(path: &Path) -> Result<OwnedFd> {
-    let c = cpath(path)?;
-    // SAFETY: valid NUL-terminated path.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(open_error(path, io::Error::last_os_error()));
+    let flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| open_error(path, e))?;
+    check_private(path, &fd)?;
+    Ok(fd)
+}
+
+/// Refuses a segment that is not a regular file owned by this user with
+/// owner-only permissions: another user could have made or changed it.
+fn check_private(path: &Path, fd: &OwnedFd) -> Result<()> {
+    let st = fstat(fd)?;
+    let why = if st.uid != uid() {
+        Some(format!(
+            "it belongs to user {}, not to this user ({})",
+            st.uid,
+            uid()
+        ))
+    } else if st.mode & 0o170000 != 0o100000 {
+        Some("it is not a regular file".into())
+    } else if st.mode & 0o077 != 0 {
+        Some(format!(
+            "its mode {:o} lets other users read or write it",
+            st.mode & 0o777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::PermissionDenied {
+            path: path.display().to_string(),
+            why,
+        }),
+        None => Ok(()),
     }
-    // SAFETY: fresh fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Refuses a segment directory in which other users could replace our files:
+/// one that others may write without the sticky bit (which limits removing
+/// and renaming to each file's owner).
+pub fn check_dir(dir: &Path) -> Result<()> {
+    let st = rustix::fs::stat(dir).map_err(|e| Error::Io {
+        context: format!("inspecting the shared memory directory {}", dir.display()),
+        source: os_error(e),
+    })?;
+    let mode = st.st_mode as u32;
+    // Group- or world-writable without the sticky bit.
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(Error::UnsafeDir {
+            path: dir.display().to_string(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
 }
 
 /// Removes a file; a missing file is not an error.
 pub fn unlink(path: &Path) {
-    if let Ok(c) = cpath(path) {
-        // SAFETY: valid NUL-terminated path.
-        unsafe { libc::unlink(c.as_ptr()) };
-    }
+    let _ = rustix::fs::unlink(path);
 }
 
-/// (size in bytes, number of links) of an open file.
-pub fn fstat(fd: &OwnedFd) -> Result<(u64, u64, u32)> {
-    // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a valid pointer to a `stat`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(Error::Io {
-            context: "fstat".into(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok((st.st_size as u64, st.st_nlink, st.st_uid))
+/// What `fstat` says about an open file.
+#[derive(Debug, Clone, Copy)]
+pub struct FileInfo {
+    pub size: u64,
+    pub nlink: u64,
+    pub uid: u32,
+    pub mode: u32,
+    /// Bytes of backing store the file holds (pages written or reserved).
+    pub allocated: u64,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Size, owner, mode and identity of an open file.
+pub fn fstat(fd: &impl AsFd) -> Result<FileInfo> {
+    let st = rustix::fs::fstat(fd).map_err(|e| Error::Io {
+        context: "fstat".into(),
+        source: os_error(e),
+    })?;
+    Ok(FileInfo {
+        size: st.st_size as u64,
+        nlink: st.st_nlink as u64,
+        uid: st.st_uid,
+        mode: st.st_mode as u32,
+        allocated: st.st_blocks as u64 * 512,
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
+    })
 }
 
 /// Total and available bytes of the file system holding `dir`.
 pub fn space(dir: &Path) -> (u64, u64) {
-    let Ok(c) = cpath(dir) else { return (0, 0) };
-    // SAFETY: an all-zero statvfs is valid to be overwritten.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return (0, 0);
+    match rustix::fs::statvfs(dir) {
+        Ok(st) => (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize),
+        Err(_) => (0, 0),
     }
-    let frsize = st.f_frsize as u64;
-    (st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize)
+}
+
+/// Creates an anonymous memory-backed file (memfd) of `size` bytes, reserved
+/// up front. It has no name in any directory: other processes open it through
+/// a process that holds it (see [`open_held`]); it is freed when the last
+/// descriptor and mapping go away.
+pub fn create_memfd(size: u64) -> Result<OwnedFd> {
+    let fd =
+        rustix::fs::memfd_create("memshare", rustix::fs::MemfdFlags::CLOEXEC).map_err(|e| {
+            Error::Io {
+                context: "creating a memory-backed segment (memfd_create)".into(),
+                source: os_error(e),
+            }
+        })?;
+    rustix::fs::ftruncate(&fd, size).map_err(|e| Error::Io {
+        context: format!("sizing a memory-backed segment of {size} bytes"),
+        source: os_error(e),
+    })?;
+    match rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(fd),
+        Err(Errno::NOSPC) | Err(Errno::NOMEM) | Err(Errno::FBIG) => {
+            Err(Error::NoMemory { requested: size })
+        }
+        Err(e) => Err(Error::Io {
+            context: format!("reserving a memory-backed segment of {size} bytes"),
+            source: os_error(e),
+        }),
+    }
+}
+
+/// Opens descriptor `fd` of process `pid` (`/proc/<pid>/fd/<fd>`) if it is
+/// the file `(dev, ino)` and this user's: the way into another process's
+/// memfd. None if that process or descriptor is gone or is another file.
+pub fn open_held(pid: u32, fd: u32, dev: u64, ino: u64) -> Option<OwnedFd> {
+    let path = format!("/proc/{pid}/fd/{fd}");
+    // /proc/<pid>/fd entries are symbolic links by design: follow this one,
+    // then check that it is the file we were told about.
+    let f = rustix::fs::open(path.as_str(), OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let st = fstat(&f).ok()?;
+    (st.dev == dev && st.ino == ino && st.uid == uid()).then_some(f)
 }
 
 /// The current user id.
 pub fn uid() -> u32 {
-    // SAFETY: getuid cannot fail.
-    unsafe { libc::getuid() }
+    rustix::process::getuid().as_raw()
 }
 
 /// The current process id.
 pub fn pid() -> u32 {
-    // SAFETY: getpid cannot fail.
-    unsafe { libc::getpid() as u32 }
+    rustix::process::getpid().as_raw_nonzero().get() as u32
 }
 
 /// Fills `buf` from the kernel's random source.
 pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        match rustix::rand::getrandom(&mut buf[done..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => done += n,
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                return Err(Error::Io {
+                    context: "getrandom".into(),
+                    source: os_error(e),
+                })
             }
-            return Err(Error::Io {
-                context: "getrandom".into(),
-                source: e,
-            });
         }
-        done += n as usize;
     }
     Ok(())
+}
+
+/// A random 64-bit number from the kernel.
+pub fn random_u64() -> Result<u64> {
+    let mut b = [0u8; 8];
+    random_bytes(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Faults `[ptr, ptr + len)` in with one system call instead of one page
+/// fault per page on first touch. Best effort: kernels before 5.14 refuse and
+/// nothing breaks.
+///
+/// # Safety
+/// The range must lie in a live shared mapping of this process.
+pub unsafe fn prefault_write(ptr: *mut u8, len: usize) {
+    let page = page_size();
+    let start = ptr as usize & !(page - 1);
+    let end = (ptr as usize).saturating_add(len);
+    // SAFETY: the caller promises a live mapping; POPULATE_WRITE only faults
+    // pages in and never changes their contents.
+    let _ = unsafe {
+        rustix::mm::madvise(
+            start as *mut std::ffi::c_void,
+            end - start,
+            rustix::mm::Advice::LinuxPopulateWrite,
+        )
+    };
 }
 
 /// A shared, read-write mapping of a whole file. Unmapped on drop.
@@ -174,59 +306,39 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` shared and read-write.
     pub fn new(fd: &OwnedFd, len: usize) -> Result<Mapping> {
-        if len == 0 {
-            return Err(Error::InvalidArgument("cannot map an empty segment".into()));
-        }
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) aliases no Rust
-        // object; the fd is valid for the duration of the call.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::Io {
-                context: format!("mapping {len} bytes"),
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len,
-        })
+        Self::map(fd, 0, len, rustix::mm::MapFlags::SHARED, "")
     }
 
     /// Maps `len` bytes of `fd` from `offset` (page aligned) privately:
     /// reads see the file's pages without copying, the first write to a page
     /// copies it for this process alone (copy-on-write).
     pub fn new_private(fd: &OwnedFd, offset: u64, len: usize) -> Result<Mapping> {
-        if len == 0 || offset % page_size() as u64 != 0 {
+        if offset % page_size() as u64 != 0 {
             return Err(Error::InvalidArgument(
                 "private mappings need a page-aligned, non-empty range".into(),
             ));
         }
-        // SAFETY: as in `new`; a private mapping aliases nothing either.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::Io {
-                context: format!("mapping {len} bytes privately"),
-                source: io::Error::last_os_error(),
-            });
+        Self::map(fd, offset, len, rustix::mm::MapFlags::PRIVATE, " privately")
+    }
+
+    fn map(
+        fd: &OwnedFd,
+        offset: u64,
+        len: usize,
+        flags: rustix::mm::MapFlags,
+        how: &str,
+    ) -> Result<Mapping> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("cannot map an empty segment".into()));
         }
+        let prot = rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE;
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) aliases no
+        // Rust object; the fd is valid for the duration of the call.
+        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) }
+            .map_err(|e| Error::Io {
+            context: format!("mapping {len} bytes{how}"),
+            source: os_error(e),
+        })?;
         Ok(Mapping {
             ptr: ptr.cast(),
             len,
@@ -254,7 +366,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len are exactly what mmap returned; no references into the
         // mapping outlive it because every user holds the `Mapping` alive.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        let _ = unsafe { rustix::mm::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -405,61 +517,30 @@ impl RobustMutex {
 /// Returns false on timeout. Uses a shared (not private) futex so that waiters
 /// in other processes mapping the same page are woken too.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> bool {
-    let ts = timeout.map(|d| libc::timespec {
-        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: d.subsec_nanos() as libc::c_long,
+    use rustix::thread::futex;
+    let ts = timeout.map(|d| futex::Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: d.subsec_nanos() as _,
     });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid aligned u32 for the duration of the call; the
-    // timeout pointer is null or points to a live timespec.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            ts_ptr,
-            0usize,
-            0u32,
-        )
-    };
-    !(rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT))
+    !matches!(
+        futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()),
+        Err(Errno::TIMEDOUT)
+    )
 }
 
 /// Wakes up to `n` waiters on `word`, in any process.
 pub fn futex_wake(word: &AtomicU32, n: u32) {
-    // SAFETY: `word` is a valid aligned u32; FUTEX_WAKE only reads the address.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            n.min(i32::MAX as u32),
-            0usize,
-            0usize,
-            0u32,
-        )
-    };
+    use rustix::thread::futex;
+    let _ = futex::wake(word, futex::Flags::empty(), n.min(i32::MAX as u32));
 }
 
 /// The size of a memory page.
 pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
+    rustix::param::page_size()
 }
 
 /// Monotonic clock in nanoseconds.
 pub fn monotonic_ns() -> u64 {
-    // SAFETY: an all-zero timespec is valid to be overwritten.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

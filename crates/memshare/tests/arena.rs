@@ -39,6 +39,20 @@ impl Drop for TestDir {
     }
 }
 
+/// Writes a file as memshare would make it (owner-only), so that what is
+/// refused is its content and not its mode.
+fn write_private(path: &std::path::Path, bytes: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(bytes).unwrap();
+}
+
 fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -180,7 +194,7 @@ fn limit_gives_out_of_memory() {
 fn corrupt_control_file_is_refused() {
     let dir = TestDir::new("corrupt");
     let token = [0xab; 16];
-    std::fs::write(ctl_path(&dir.0, &token), vec![0u8; 1 << 20]).unwrap();
+    write_private(&ctl_path(&dir.0, &token), &vec![0u8; 1 << 20]);
     let err = Arena::attach(&dir.0, token).err().unwrap();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     let removed = Arena::collect_garbage(&dir.0, false).unwrap();
@@ -376,7 +390,7 @@ proptest! {
             bytes.resize(memshare::layout::CTL_SIZE as usize, 0xee);
         }
         let token = [0x5a; 16];
-        std::fs::write(ctl_path(&dir.0, &token), &bytes).unwrap();
+        write_private(&ctl_path(&dir.0, &token), &bytes);
         let err = Arena::attach(&dir.0, token).err().expect("garbage must not attach");
         prop_assert!(matches!(err, Error::Corrupt { .. }), "{}", err);
     }

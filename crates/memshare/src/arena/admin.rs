@@ -49,10 +49,11 @@ impl Arena {
         self.with_txn(|txn| Ok(txn.stats()))
     }
 
-    /// Sets the byte limit of the arena (for every attached process).
+    /// Sets the byte limit of the arena (for every attached process); 0 or
+    /// `u64::MAX` means no limit, as `MEMSHARE_LIMIT=0` does.
     pub fn set_limit(&self, limit: u64) -> Result<()> {
         self.with_txn(|txn| {
-            txn.ctl.limit = limit;
+            txn.ctl.limit = if limit == 0 { u64::MAX } else { limit };
             Ok(())
         })
     }

@@ -73,6 +73,7 @@ fn attached() -> &'static Mutex<Vec<Weak<Inner>>> {
 impl Arena {
     /// Creates a new arena in `dir` (normally /dev/shm).
     pub fn create(dir: &Path) -> Result<Arena> {
+        let limit = naming::limit_from_env()?;
         let mut token = [0u8; 16];
         sys::random_bytes(&mut token)?;
         let mut mac_key = [0u8; 16];
@@ -88,10 +89,7 @@ impl Arena {
         ctl.header_size = CTL_SIZE as u32;
         ctl.token = token;
         ctl.mac_key = mac_key;
-        ctl.limit = std::env::var("MEMSHARE_LIMIT")
-            .ok()
-            .and_then(|s| parse_size(&s))
-            .unwrap_or(u64::MAX);
+        ctl.limit = limit;
         ctl.bins = [BlockRef::NIL; NBINS];
         // Every pin entry is free, on the free list in index order.
         for (i, p) in ctl.pins.iter_mut().enumerate() {
@@ -139,12 +137,7 @@ impl Arena {
             path: path.display().to_string(),
             why: why.into(),
         };
-        let (size, nlink, owner) = sys::fstat(fd)?;
-        if owner != sys::uid() {
-            return Err(Error::PermissionDenied {
-                path: path.display().to_string(),
-            });
-        }
+        let sys::FileInfo { size, nlink, .. } = sys::fstat(fd)?;
         if nlink == 0 {
             return Err(Error::StaleHandle("the arena has been removed".into()));
         }

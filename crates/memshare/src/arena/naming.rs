@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Result};
+
 pub fn hex(token: &[u8; 16]) -> String {
     token.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -33,27 +35,82 @@ pub fn seg_path(dir: &Path, token: &[u8; 16], index: u32) -> PathBuf {
     dir.join(format!("memshare-{}-{index}", hex(token)))
 }
 
-/// Parses `MEMSHARE_LIMIT`-style sizes: `1073741824`, `512M`, `8G`, `1.5GiB`.
+/// The forms a size setting accepts, for error messages.
+pub const SIZE_FORMS: &str =
+    "bytes (1073741824) or a number with K, M, G or T (512M, 8G, 1.5G; KiB/KB spellings too)";
+
+/// Parses a size setting: plain bytes (`1073741824`) or a decimal number with
+/// a binary unit (`512K`, `512M`, `8G`, `1.5GiB`, `2TB`). Anything else
+/// (`lots`, `-1`, `1e30`, `1.5x`, a fraction of a byte, more than 2^62
+/// bytes) is None.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let num: f64 = num.trim().parse().ok()?;
-    let mult: u64 = match unit
-        .trim()
-        .to_ascii_lowercase()
-        .trim_end_matches("ib")
-        .trim_end_matches('b')
-    {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        _ => return None,
-    };
-    if !num.is_finite() || num < 0.0 {
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    if whole.is_empty() || !whole.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
-    Some((num * mult as f64) as u64)
+    if num.contains('.') && (frac.is_empty() || !frac.bytes().all(|c| c.is_ascii_digit())) {
+        return None;
+    }
+    let unit = unit.trim().to_ascii_lowercase();
+    let shift = match unit.as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return None,
+    };
+    if shift == 0 && !frac.is_empty() {
+        return None; // a fraction of a byte
+    }
+    let whole: u64 = whole.parse().ok()?;
+    let mut bytes = whole.checked_mul(1u64 << shift)?;
+    if !frac.is_empty() {
+        // Exact decimal fraction of the unit, without floating point.
+        let digits = &frac[..frac.len().min(12)];
+        let f: u64 = digits.parse().ok()?;
+        let scale = 10u64.pow(digits.len() as u32);
+        bytes = bytes.checked_add((f as u128 * (1u128 << shift) / scale as u128) as u64)?;
+    }
+    (bytes <= 1 << 62).then_some(bytes)
+}
+
+/// The arena limit set by `MEMSHARE_LIMIT`: `u64::MAX` (no limit) when unset
+/// or `0`; a clear error naming the variable and the accepted forms otherwise.
+pub fn limit_from_env() -> Result<u64> {
+    let Ok(value) = std::env::var("MEMSHARE_LIMIT") else {
+        return Ok(u64::MAX);
+    };
+    match parse_size(&value) {
+        Some(0) => Ok(u64::MAX),
+        Some(n) => Ok(n),
+        None => Err(Error::InvalidArgument(format!(
+            "MEMSHARE_LIMIT={value:?} is not a size; use {SIZE_FORMS}, or 0 for no limit"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_exactly_or_not_at_all() {
+        assert_eq!(parse_size("1073741824"), Some(1 << 30));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size(" 8g "), Some(8 << 30));
+        assert_eq!(parse_size("1.5GiB"), Some(3 << 29));
+        assert_eq!(parse_size("50MB"), Some(50 << 20));
+        assert_eq!(parse_size("0"), Some(0));
+        for bad in [
+            "", "lots", "-1", "1e30", "1.5x", "1.5", "1.", ".5G", "inf", "nan", "9999999T", "8 G B",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -71,7 +71,7 @@ impl<'a> Txn<'a> {
         let path = seg_path(&self.inner.dir, &self.inner.token, seg);
         let expected = self.ctl.segments[idx].size;
         let fd = sys::open_file(&path)?;
-        let (size, _, _) = sys::fstat(&fd)?;
+        let size = sys::fstat(&fd)?.size;
         if size != expected || size < SEG_HEADER + BLOCK_HEADER {
             return Err(Error::Corrupt {
                 path: path.display().to_string(),
