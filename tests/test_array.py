@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import memshare as ms
-from memshare import _native
-from memshare import dumps, loads
+from memshare import _native, dumps, loads
 
 TIMEOUT = 120
 

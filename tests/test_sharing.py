@@ -273,7 +273,10 @@ def test_mutated_messages_give_handle_error_only(data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=80) | st.binary(max_size=80).map(lambda b: b.decode("latin-1")), st.integers(0, 64))
+@given(
+    st.text(max_size=80) | st.binary(max_size=80).map(lambda b: b.decode("latin-1")),
+    st.integers(0, 64),
+)
 def test_dtype_codec_rejects_bad_descriptions_with_handle_error(code, itemsize):
     try:
         dt = _sharing.decode_dtype(code, itemsize)
@@ -293,7 +296,9 @@ def test_dtype_codec_rejects_bad_descriptions_with_handle_error(code, itemsize):
         "|S3",
         "|V5",
         np.dtype([("a", "<i4"), ("b", ">f8", (2, 3))]),
-        np.dtype({"names": ["p", "q"], "formats": ["u1", "<c16"], "offsets": [16, 0], "itemsize": 40}),
+        np.dtype(
+            {"names": ["p", "q"], "formats": ["u1", "<c16"], "offsets": [16, 0], "itemsize": 40}
+        ),
         np.dtype([("outer", [("inner", "<i8", (2,))])]),
     ],
     ids=str,

@@ -12,12 +12,6 @@ import multiprocessing.util
 import os
 
 from . import _frames, _native
-from ._errors import (
-    CorruptSegmentError,
-    HandleError,
-    SharedMemoryError,
-    StaleHandleError,
-)
 from ._allocator import allocate_in_shared_memory
 from ._array import (
     SharedArray,
@@ -28,6 +22,12 @@ from ._array import (
     is_shared,
     zeros,
     zeros_like,
+)
+from ._errors import (
+    CorruptSegmentError,
+    HandleError,
+    SharedMemoryError,
+    StaleHandleError,
 )
 from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
 from ._process import Process, get_context

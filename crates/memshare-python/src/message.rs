@@ -11,7 +11,14 @@ use crate::{to_pyerr, PyBlock};
 
 /// An entry as Python sees it: (block, dtype, itemsize, shape, strides, offset).
 pub type PyEntry = (PyBlock, String, usize, Vec<usize>, Vec<isize>, usize);
-type EntryIn<'py> = (PyRef<'py, PyBlock>, String, usize, Vec<usize>, Vec<isize>, usize);
+type EntryIn<'py> = (
+    PyRef<'py, PyBlock>,
+    String,
+    usize,
+    Vec<usize>,
+    Vec<isize>,
+    usize,
+);
 
 /// The owner of the pins of one transport call (a pool's `map`, `submit`):
 /// its pins are released when the lease is dropped (or when its process
@@ -98,9 +105,7 @@ pub fn encode_message<'py>(
 pub fn open_entries(py: Python<'_>, entries: Vec<Entry>) -> PyResult<Vec<PyEntry>> {
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
-        let block = py
-            .detach(|| memshare::open(&e.handle))
-            .map_err(to_pyerr)?;
+        let block = py.detach(|| memshare::open(&e.handle)).map_err(to_pyerr)?;
         out.push(entry_out(block, e.layout));
     }
     Ok(out)

@@ -147,12 +147,26 @@ pub struct PinEntry {
     /// The owner block (`PIN_BLOCK`): an owned pin lives as long as its
     /// owner block, whatever happens to the process that made it.
     pub owner: BlockRef,
+    /// The owner block's generation (`PIN_BLOCK`), or the owner lease as
+    /// `generation << 32 | index` (`PIN_LEASE`; see [`PinEntry::lease`]).
     pub owner_generation: u64,
-    /// The owner lease (`PIN_LEASE`).
-    pub lease: u32,
-    pub lease_generation: u32,
     pub next: u32,
     pub prev: u32,
+}
+
+impl PinEntry {
+    /// (index, generation) of the owner lease of a `PIN_LEASE` pin.
+    pub fn lease(&self) -> (u32, u32) {
+        (
+            self.owner_generation as u32,
+            (self.owner_generation >> 32) as u32,
+        )
+    }
+}
+
+/// `PinEntry::owner_generation` of a pin owned by lease `index`.
+pub fn lease_tag(index: u32, generation: u32) -> u64 {
+    ((generation as u64) << 32) | index as u64
 }
 
 /// A lease: the owner of the pins of one transport call, itself owned by a
@@ -233,6 +247,7 @@ pub struct BlockHeader {
 }
 
 const _: () = assert!(std::mem::size_of::<SegHeader>() as u64 == SEG_HEADER);
+const _: () = assert!(std::mem::size_of::<PinEntry>() == 56);
 const _: () = assert!(std::mem::size_of::<BlockHeader>() as u64 <= BLOCK_HEADER);
 const _: () = assert!(BLOCK_HEADER % ALIGN == 0 && SEG_HEADER % ALIGN == 0);
 

@@ -129,10 +129,12 @@ impl Encoder {
         let len = ENTRY_FIXED + m.dtype.len() + 16 * m.shape.len();
         self.buf.extend_from_slice(&(len as u32).to_le_bytes());
         self.buf.extend_from_slice(&entry.handle.to_bytes());
-        self.buf.extend_from_slice(&(m.itemsize as u64).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(m.itemsize as u64).to_le_bytes());
         self.buf.extend_from_slice(&(m.offset as u64).to_le_bytes());
         self.buf.push(m.shape.len() as u8);
-        self.buf.extend_from_slice(&(m.dtype.len() as u16).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(m.dtype.len() as u16).to_le_bytes());
         self.buf.extend_from_slice(m.dtype.as_bytes());
         for &n in &m.shape {
             self.buf.extend_from_slice(&(n as u64).to_le_bytes());
@@ -353,15 +355,20 @@ mod tests {
     }
 
     fn entry_strategy() -> impl Strategy<Value = Entry> {
-        (layout_strategy(), any::<u64>(), any::<u32>(), any::<bool>(), any::<bool>()).prop_map(
-            |((layout, len), generation, pin, ro, arena1)| {
+        (
+            layout_strategy(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|((layout, len), generation, pin, ro, arena1)| {
                 let token = [if arena1 { 1 } else { 2 }; 16];
                 let key = keys(&token).unwrap();
                 let handle =
                     Handle::new(token, 3, 4096, generation, len, Some(pin), 2, 5, ro, &key);
                 Entry { handle, layout }
-            },
-        )
+            })
     }
 
     proptest! {
@@ -433,11 +440,7 @@ mod tests {
         too_big.layout.shape = vec![5];
         assert!(encode(&[(too_big, KEY)], b"").is_err());
         // A key lookup failure (arena gone) is passed through unchanged.
-        let gone = decode(&msg, |_| {
-            Err(Error::NotFound {
-                path: "x".into(),
-            })
-        });
+        let gone = decode(&msg, |_| Err(Error::NotFound { path: "x".into() }));
         assert!(matches!(gone, Err(Error::NotFound { .. })));
     }
 }

@@ -66,8 +66,8 @@ use crate::arena::{Arena, Block};
 use crate::array::{ArrayMeta, SharedArray};
 use crate::error::{Error, Result};
 use crate::handle::{Handle, HANDLE_LEN};
-use crate::message;
 use crate::layout::MAX_PROCS;
+use crate::message;
 use crate::sys;
 
 pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"MSHRQUE\0");

@@ -254,7 +254,10 @@ fn child_dies_holding() {
     let _pinned = _mine.handle().unwrap();
     // A lease of the dying process, with pins: repair releases them too.
     let lease = arena.lease().unwrap();
-    let _leased = (_mine.handle_leased(&lease).unwrap(), a.block().handle_leased(&lease).unwrap());
+    let _leased = (
+        _mine.handle_leased(&lease).unwrap(),
+        a.block().handle_leased(&lease).unwrap(),
+    );
     std::mem::forget(lease);
     std::mem::forget(a);
     // SAFETY: abort-like exit without running destructors, like SIGKILL.
@@ -475,7 +478,11 @@ fn a_lease_releases_its_pins_when_dropped() {
     let b = arena.open(&opened_later).unwrap(); // adopts one lease pin
     drop(lease);
     let s = arena.stats().unwrap();
-    assert_eq!((s.pins, s.live_blocks), (1, 2), "only the process pin is left");
+    assert_eq!(
+        (s.pins, s.live_blocks),
+        (1, 2),
+        "only the process pin is left"
+    );
     drop(arena.open(&process_pin).unwrap());
     drop(b);
     let s = arena.stats().unwrap();
@@ -503,7 +510,10 @@ fn child_leaks_pins() {
     let err = a.block().handle().unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::TooManyPins { .. }), "{text}");
-    assert!(text.contains("quota") && text.contains("never received"), "{text}");
+    assert!(
+        text.contains("quota") && text.contains("never received"),
+        "{text}"
+    );
     std::mem::forget(a);
     // SAFETY: exit without destructors, like SIGKILL.
     unsafe { libc::_exit(0) };
@@ -515,12 +525,24 @@ fn one_process_cannot_starve_the_others() {
     let arena = Arena::create(&dir.0).unwrap();
     let a = SharedArray::zeros::<f64>(&arena, &[16]).unwrap();
     let msg = to_hex(&a.to_bytes().unwrap());
-    assert!(run_child("child_leaks_pins", &dir, ("MEMSHARE_TEST_LEAK", msg)));
+    assert!(run_child(
+        "child_leaks_pins",
+        &dir,
+        ("MEMSHARE_TEST_LEAK", msg)
+    ));
     let quota = memshare::layout::PIN_QUOTA as u64;
-    assert_eq!(arena.stats().unwrap().pins, quota, "the child's leaked pins");
+    assert_eq!(
+        arena.stats().unwrap().pins,
+        quota,
+        "the child's leaked pins"
+    );
     // This process still pins and sends (its own quota is untouched).
     let h = a.block().handle().unwrap();
     drop(arena.open(&h).unwrap());
     assert!(arena.reap().unwrap());
-    assert_eq!(arena.stats().unwrap().pins, 0, "the dead child's pins are gone");
+    assert_eq!(
+        arena.stats().unwrap().pins,
+        0,
+        "the dead child's pins are gone"
+    );
 }

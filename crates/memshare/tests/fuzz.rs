@@ -79,7 +79,11 @@ fn valid_messages(arena: &Arena, a: &SharedArray) -> Result<Vec<Vec<u8>>> {
     rev.offset = 63 * 256;
     let scalar = ArrayMeta::c_order("<f8", 8, &[]);
     let empty = ArrayMeta::c_order("|u1", 1, &[0, 5]);
-    let structured = ArrayMeta::c_order(r#"{"names":["a","b"],"formats":["<i4","<f8"],"offsets":[0,8],"itemsize":16}"#, 16, &[128]);
+    let structured = ArrayMeta::c_order(
+        r#"{"names":["a","b"],"formats":["<i4","<f8"],"offsets":[0,8],"itemsize":16}"#,
+        16,
+        &[128],
+    );
     Ok(vec![
         message::encode(&[entry(whole.clone())?], b"")?,
         message::encode(&[entry(rev)?], b"")?,
@@ -115,7 +119,9 @@ fn fuzz_handles_and_array_messages() {
         if *t == token {
             Ok(key)
         } else {
-            Err(Error::InvalidHandle("handle belongs to another arena".into()))
+            Err(Error::InvalidHandle(
+                "handle belongs to another arena".into(),
+            ))
         }
     };
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
@@ -159,4 +165,3 @@ fn fuzz_handles_and_array_messages() {
     arena.detach().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
-

@@ -97,7 +97,11 @@ impl Arena {
             p.owner = BlockRef::NIL;
             p.kind = PIN_FREE;
             p.prev = NO_PIN;
-            p.next = if i + 1 < MAX_PINS { i as u32 + 1 } else { NO_PIN };
+            p.next = if i + 1 < MAX_PINS {
+                i as u32 + 1
+            } else {
+                NO_PIN
+            };
         }
         ctl.pin_free = 0;
         for s in ctl.slots.iter_mut() {

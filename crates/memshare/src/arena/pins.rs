@@ -163,9 +163,9 @@ impl Txn<'_> {
                 (s.state == SLOT_ALIVE && s.epoch == p.epoch).then_some(&mut s.pin_head)
             }
             PIN_LEASE => {
-                let l = &mut self.ctl.leases[p.lease as usize];
-                (l.state == LEASE_LIVE && l.generation == p.lease_generation)
-                    .then_some(&mut l.pin_head)
+                let (index, generation) = p.lease();
+                let l = &mut self.ctl.leases[index as usize];
+                (l.state == LEASE_LIVE && l.generation == generation).then_some(&mut l.pin_head)
             }
             PIN_BLOCK => {
                 let (owner, og) = (p.owner, p.owner_generation);
@@ -260,8 +260,6 @@ impl Txn<'_> {
             serial: 0,
             owner: BlockRef::NIL,
             owner_generation: 0,
-            lease: 0,
-            lease_generation: 0,
             next: NO_PIN,
             prev: NO_PIN,
         };
@@ -273,8 +271,7 @@ impl Txn<'_> {
                     return Err(Error::StaleHandle("the lease has ended".into()));
                 }
                 e.kind = PIN_LEASE;
-                e.lease = index;
-                e.lease_generation = generation;
+                e.owner_generation = lease_tag(index, generation);
             }
             PinOwner::Block { block, generation } => {
                 let oh = self.hdr(block)?;

@@ -87,28 +87,27 @@ impl Txn<'_> {
                 (p.block, p.generation, p.kind, p.owner, p.owner_generation);
             let owner_ok = match kind {
                 PIN_PROCESS => !dead_epochs.contains(&(p.slot, p.epoch)),
-                PIN_LEASE => self.ctl.leases.get(p.lease as usize).is_some_and(|l| {
-                    l.state == LEASE_LIVE && l.generation == p.lease_generation
-                }),
+                PIN_LEASE => {
+                    let (index, generation) = p.lease();
+                    self.ctl
+                        .leases
+                        .get(index as usize)
+                        .is_some_and(|l| l.state == LEASE_LIVE && l.generation == generation)
+                }
                 PIN_BLOCK => {
-                    !owner.is_nil()
-                        && owner.segment() < segs
-                        && {
-                            let oh = self.hdr(owner)?;
-                            oh.magic == BLOCK_MAGIC
-                                && oh.state == BLOCK_LIVE
-                                && oh.generation == owner_generation
-                        }
+                    !owner.is_nil() && owner.segment() < segs && {
+                        let oh = self.hdr(owner)?;
+                        oh.magic == BLOCK_MAGIC
+                            && oh.state == BLOCK_LIVE
+                            && oh.generation == owner_generation
+                    }
                 }
                 _ => false,
             };
-            let ok = owner_ok
-                && !r.is_nil()
-                && r.segment() < segs
-                && {
-                    let h = self.hdr(r)?;
-                    h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
-                };
+            let ok = owner_ok && !r.is_nil() && r.segment() < segs && {
+                let h = self.hdr(r)?;
+                h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
+            };
             if !ok {
                 self.ctl.pins[i].kind = PIN_FREE;
                 continue;
