@@ -24,6 +24,7 @@ explicit codec (:func:`encode_dtype`); decoding never evaluates text.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
@@ -101,11 +102,13 @@ def _dtype_node(dt: np.dtype, depth: int) -> Any:
     }
 
 
+@functools.lru_cache(maxsize=256)
 def decode_dtype(code: str, itemsize: int) -> np.dtype:
     """The dtype of a received entry. Any description that is not one
     :func:`encode_dtype` makes, or that disagrees with ``itemsize``, raises
     :class:`HandleError`; object dtypes are refused (they would turn shared
-    bytes into pointers)."""
+    bytes into pointers). Cached: every array received decodes one, and a
+    program sends few dtypes."""
     try:
         if code.startswith("{"):
             dt = _node_dtype(json.loads(code), 0)
