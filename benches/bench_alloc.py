@@ -29,7 +29,7 @@ ELEMENTS = 8192  # 64 KiB of float64
 def _cycles(start, out, n: int) -> None:
     ms.empty(ELEMENTS)  # attach and map before the clock starts
     before = ms.stats().get("lock_acquisitions", 0)
-    start.wait(600)
+    start.get(timeout=600)  # everyone starts together
     t0 = time.perf_counter()
     for _ in range(n):
         a = ms.empty(ELEMENTS)
@@ -40,11 +40,12 @@ def _cycles(start, out, n: int) -> None:
 
 def run(processes: int) -> tuple[float, float]:
     """(cycles/s of all processes together, lock acquisitions per cycle)."""
-    start, out = CTX.Event(), CTX.Queue()
+    start, out = ms.Queue(), ms.Queue()
     ps = [CTX.Process(target=_cycles, args=(start, out, CYCLES)) for _ in range(processes)]
     for p in ps:
         p.start()
-    start.set()
+    for _ in ps:
+        start.put(None)
     results = [out.get(timeout=600) for _ in ps]
     for p in ps:
         p.join(60)

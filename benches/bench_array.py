@@ -229,6 +229,7 @@ def bench_first_read() -> str:
         rows.append(["huge pages", "not measured", why, ""])
     with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
         shmem = f.read().strip()
+    shmem = shmem[shmem.find("[") + 1 : shmem.find("]")] if "[" in shmem else shmem
     return table(
         f"A worker's first full read (sum) of a received 1 GiB array vs a warm private read "
         f"(median [min-max] of {reps}; goal: at most 1.15x). shmem_enabled: {shmem}",

@@ -130,13 +130,13 @@ def timed_runs(run, tasks: int) -> dict[str, list[float]]:
     return speeds
 
 
-def loaded_warning(load: float) -> str | None:
+def loaded_warning(load: float, where: str = "below") -> str | None:
     cores = os.cpu_count() or 1
     if load <= cores:
         return None
     return (
         f"WARNING: the load average ({load:.1f}) is above the number of cores ({cores}):"
-        "\nother programs compete with these runs, the figures below are slower and"
+        f"\nother programs compete with these runs, the figures {where} are slower and"
         "\nmore spread than on a quiet machine (compare the min-max ranges)."
     )
 
@@ -183,7 +183,7 @@ def main() -> None:
             )
         print()
     print(f"Load average during the runs: {min(loads):.2f} to {max(loads):.2f} on {cores} cores.")
-    warning = loaded_warning(max(loads))
+    warning = loaded_warning(max(loads), "above")
     if warning:
         print(warning)
     print()
