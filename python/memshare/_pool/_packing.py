@@ -31,8 +31,9 @@ def set_worker_threshold(threshold: int | None) -> None:
 
 class _ResultPickler(_callables.Pickler):
     """Pickles a worker's result: shared arrays by handle, large private
-    arrays copied into shared memory first; classes and functions the parent
-    cannot look up (those that came by value) by value."""
+    arrays copied into shared memory first; classes and functions of
+    ``__main__`` that the parent cannot look up (those that came by value) by
+    value."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
@@ -51,6 +52,11 @@ class _ResultPickler(_callables.Pickler):
                 _encode_dtype(obj.dtype), obj.dtype.itemsize, obj.shape, obj.strides, offset
             )
             return (_rebuild, (message,))
+        if isinstance(obj, (types.FunctionType, type)) and obj.__module__ != "__main__":
+            # The stdlib's way: by reference, or a PicklingError that fails
+            # the call with MaybeEncodingError (a lambda made by a task of an
+            # importable module); by value is for __main__'s (a notebook's).
+            return NotImplemented
         return super().reducer_override(obj)
 
 
