@@ -51,7 +51,9 @@ class _ResultPickler(_callables.Pickler):
                 _encode_dtype(obj.dtype), obj.dtype.itemsize, obj.shape, obj.strides, offset
             )
             return (_rebuild, (message,))
-        return super().reducer_override(obj)
+        if isinstance(obj, _callables.Pickler.CALLABLES):
+            return super().reducer_override(obj)
+        return NotImplemented
 
 
 class _Packed:
