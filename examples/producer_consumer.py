@@ -8,7 +8,7 @@ cosine similarity.
 
 Note what is missing: no close(), unlink(), SharedMemory names or
 resource-tracker workarounds. A frame is born in shared memory
-(``ms.empty``), travels as a ~200-byte handle, and is freed when the matcher
+(``ms.empty``), travels as a handle of under 256 bytes, and is freed when the matcher
 drops it (here: when a newer frame of that camera replaces it).
 
 The same code runs from a notebook (paste it into a cell and call

@@ -4,6 +4,7 @@ failures (killed workers, KeyboardInterrupt) and the numpy allocator hook."""
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import multiprocessing as mp
 import multiprocessing.pool
 import os
@@ -533,3 +534,45 @@ def test_executor_initializer():
     with ProcessPoolExecutor(1, initializer=_set_init, initargs=(7,)) as ex:
         assert ex.submit(get_init, 0).result(T) == 7
         assert ex.submit(shared_allocation_threshold).result(T) == 1 << 20
+
+
+# --- the standard library's behaviour, where memshare pickles itself --------------
+
+
+class _Dummy:
+    pass
+
+
+def make_dummy(_):
+    return _Dummy()
+
+
+def test_executor_map_keeps_no_reference_to_yielded_results():
+    import weakref
+
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as ex:
+        for obj in ex.map(make_dummy, range(6), chunksize=2):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None
+
+
+class _ExitAtUnpickle:
+    def __reduce__(self):
+        return (os._exit, (1,))
+
+
+class _ErrorAtUnpickle:
+    def __reduce__(self):
+        return (fail_on, (3,))
+
+
+@pytest.mark.parametrize("bad", [_ExitAtUnpickle, _ErrorAtUnpickle])
+def test_executor_argument_unpickled_where_the_stdlib_does(bad):
+    """An argument that cannot be unpickled in the worker breaks the executor
+    (BrokenProcessPool), as in the standard library."""
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as ex:
+        future = ex.submit(identity, bad())
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            future.result(timeout=T)

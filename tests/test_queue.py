@@ -397,3 +397,49 @@ def test_python_producer_rust_consumer():
     got = [line.rsplit(" ", 1) for line in out.splitlines()]
     want = [(f"[{a.shape[0]}, 3]", float(a.sum())) for a in arrays]
     assert [(shape, float(total)) for shape, total in got] == want
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise AttributeError("cannot pickle this")
+
+
+def test_unpicklable_put_is_reported_and_dropped_by_default(capfd):
+    """As multiprocessing's feeder thread: the error goes to stderr, the
+    object is dropped, the queue goes on (and counts nothing for it)."""
+    q = Queue(maxsize=1)
+    q.put(_Unpicklable())
+    assert "cannot pickle this" in capfd.readouterr().err
+    q.put(True)
+    assert q.qsize() == 1
+    assert q.get(timeout=60) is True
+    assert q.empty()
+
+
+def test_raise_pickling_errors_option_travels_with_the_queue():
+    q = Queue(raise_pickling_errors=True)
+    with pytest.raises(AttributeError, match="cannot pickle this"):
+        q.put(_Unpicklable())
+    again = pickle.loads(pickle.dumps(q))
+    with pytest.raises(AttributeError, match="cannot pickle this"):
+        again.put(_Unpicklable())
+    assert q.empty()
+
+
+@pytest.mark.parametrize("kind", [Queue, JoinableQueue])
+def test_closed_queue_empty_as_multiprocessing(kind):
+    unused = kind()
+    unused.close()
+    unused.join_thread()
+    assert unused.empty()
+    used = kind()
+    used.put("foo")
+    used.close()
+    with pytest.raises(OSError, match="is closed"):
+        used.empty()
+    assert used.qsize() == 1 and not used.full()
+    with pytest.raises(ValueError, match="is closed"):
+        used.get()
+    # Another handle of the same queue (another process's view) still reads it.
+    reader = pickle.loads(pickle.dumps(used))
+    assert reader.get(timeout=60) == "foo"

@@ -2,7 +2,9 @@
 
 Data lives in shared memory; only small handles travel between processes;
 memory is freed when the last process lets go of it, also when a process
-crashes. See https://github.com/ (README) and ``docs/how-it-works.md``.
+crashes. The README (also this package's description in its metadata) is the
+tour; ``docs/`` in the source tree has the details, ``docs/how-it-works.md``
+the design.
 """
 
 from __future__ import annotations

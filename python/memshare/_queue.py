@@ -12,6 +12,7 @@ See ``docs/queue.md`` for the delivery guarantee when processes are killed.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ UNBOUNDED_CAPACITY = 8192
 #: Largest ``maxsize``: every slot takes ``INLINE_SIZE + 16`` bytes of shared memory.
 MAX_CAPACITY = 1 << 20
 #: Messages (pickles) up to this size are stored in the slot itself; larger
-#: ones get a block of their own. A pickled shared array takes about 200 bytes.
+#: ones get a block of their own.
 INLINE_SIZE = 240
 
 
@@ -58,9 +59,9 @@ def _encode(obj: Any) -> bytes:
     return dumps(obj)
 
 
-def _rebuild(cls: type, handle: bytes, maxsize: int) -> Queue:
+def _rebuild(cls: type, handle: bytes, maxsize: int, raise_pickling_errors: bool = False) -> Queue:
     q = cls.__new__(cls)
-    q._init(_native.Queue.from_handle(handle), maxsize)
+    q._init(_native.Queue.from_handle(handle), maxsize, raise_pickling_errors)
     return q
 
 
@@ -71,31 +72,46 @@ class Queue:
         maxsize: Most messages the queue holds; ``put`` blocks (or raises
             ``queue.Full``) beyond it. ``maxsize <= 0`` gives a queue of
             ``UNBOUNDED_CAPACITY`` messages (a shared ring cannot grow).
+        raise_pickling_errors: ``put`` of an object that cannot be pickled
+            raises the error in the caller. By default it is reported as the
+            standard library's feeder thread does (the traceback goes to
+            stderr through ``_on_queue_feeder_error(e, obj)``, which
+            subclasses may override), the object is dropped and ``put``
+            returns. Travels with the queue to other processes.
 
     Pass it to ``multiprocessing.Process`` (any start method), through a
     ``Pool`` initializer, or even through another queue: it pickles to a
-    64-byte handle of the same shared queue. Unlike ``multiprocessing.Queue``
+    small handle (under 256 bytes) of the same shared queue. Unlike ``multiprocessing.Queue``
     there is no feeder thread: when ``put`` returns, the message is in shared
     memory and survives the producer's death.
     """
 
-    def __init__(self, maxsize: int = 0, *, ctx: Any = None) -> None:
+    def __init__(
+        self, maxsize: int = 0, *, ctx: Any = None, raise_pickling_errors: bool = False
+    ) -> None:
         # ``ctx`` is accepted for signature compatibility and unused: the
         # queue works the same under every start method.
         if maxsize > MAX_CAPACITY:
             raise ValueError(f"maxsize must be at most {MAX_CAPACITY}, not {maxsize}")
         capacity = maxsize if maxsize > 0 else UNBOUNDED_CAPACITY
-        self._init(_native.Queue(capacity, INLINE_SIZE, self._joinable), maxsize)
+        native = _native.Queue(capacity, INLINE_SIZE, self._joinable)
+        self._init(native, maxsize, bool(raise_pickling_errors))
 
     _joinable = False
 
-    def _init(self, native: _native.Queue, maxsize: int) -> None:
+    def _init(self, native: _native.Queue, maxsize: int, raise_pickling_errors: bool) -> None:
         self._q = native
         self._maxsize = maxsize
+        self._raise_pickling_errors = raise_pickling_errors
         self._closed = False
+        # As multiprocessing's reader end, which its feeder thread closes
+        # once a queue that this process put to is closed.
+        self._put_to = False
+        self._reader_closed = False
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (type(self), self._q.handle(), self._maxsize))
+        args = (type(self), self._q.handle(), self._maxsize, self._raise_pickling_errors)
+        return (_rebuild, args)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -113,9 +129,27 @@ class Queue:
         all if ``block`` is false, then raises ``queue.Full``. Shared arrays
         and frames in ``obj`` travel by handle; large buffers not yet shared
         are copied into shared memory once.
+
+        An object that cannot be pickled is reported and dropped (see
+        ``raise_pickling_errors``), as by ``multiprocessing.Queue``.
         """
         self._check_closed()
-        self._q.put(_encode(obj), _timeout(block, timeout))
+        self._put_to = True
+        try:
+            message = _encode(obj)
+        except Exception as e:
+            if self._raise_pickling_errors:
+                raise
+            self._on_queue_feeder_error(e, obj)
+            return
+        self._q.put(message, _timeout(block, timeout))
+
+    @staticmethod
+    def _on_queue_feeder_error(e: Exception, obj: Any) -> None:
+        """Called with the error when ``put`` cannot pickle ``obj`` (unless
+        ``raise_pickling_errors``): prints the traceback, as the standard
+        library's queue does. Subclasses may override it."""
+        traceback.print_exc()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Removes and returns an object from the queue.
@@ -143,7 +177,12 @@ class Queue:
         return self._q.qsize()
 
     def empty(self) -> bool:
-        """True if the queue is empty (approximate while others use it)."""
+        """True if the queue is empty (approximate while others use it).
+
+        Raises OSError after ``close()`` if this process put to the queue
+        (as multiprocessing's queue, whose reader is closed then)."""
+        if self._reader_closed:
+            raise OSError("handle is closed")
         return self._q.qsize() == 0
 
     def full(self) -> bool:
@@ -155,6 +194,8 @@ class Queue:
         other processes are not affected). Messages already put stay in the
         queue; the queue's memory is freed when no process holds it any more."""
         self._closed = True
+        if self._put_to:
+            self._reader_closed = True
 
     def join_thread(self) -> None:
         """No-op: memshare queues have no feeder thread, ``put`` has finished

@@ -14,7 +14,7 @@ from typing import Any
 from .. import _callables, _native, _process
 from ._arguments import _CallState
 from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold
-from ._worker import _home_token, _process_chunk, _reraise, _run_plain, _worker_init
+from ._worker import _Call, _home_token, _process_chunk, _reraise, _run_call, _worker_init
 
 
 def _drop_state(future: concurrent.futures.Future) -> None:
@@ -24,6 +24,16 @@ def _drop_state(future: concurrent.futures.Future) -> None:
             _native.reap()
         except Exception:
             pass
+
+
+def _result_or_cancel(future: concurrent.futures.Future, timeout: float | None = None) -> Any:
+    try:
+        try:
+            return future.result(timeout)
+        finally:
+            future.cancel()
+    finally:
+        del future  # breaks the cycle through an exception's traceback
 
 
 def _chunks(iterator: Iterator, size: int) -> Iterator[list]:
@@ -85,7 +95,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         except Exception as e:  # the stdlib reports it through the future
             future = super().submit(_reraise, e)
         else:
-            future = super().submit(_run_plain, payload)
+            future = super().submit(_run_call, _Call(payload))
         future._memshare_state = state  # type: ignore[attr-defined]
         future.add_done_callback(_drop_state)
         return future
@@ -108,18 +118,18 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         ]
 
         def result_iterator():
+            # As the stdlib's: neither the future nor the chunk stays
+            # referenced here while a result is out with the caller.
             try:
                 fs.reverse()
                 while fs:
-                    f = fs.pop()
-                    try:
-                        if end_time is None:
-                            chunk = f.result()
-                        else:
-                            chunk = f.result(end_time - time.monotonic())
-                    finally:
-                        f.cancel()
-                    yield from chunk
+                    if end_time is None:
+                        chunk = _result_or_cancel(fs.pop())
+                    else:
+                        chunk = _result_or_cancel(fs.pop(), end_time - time.monotonic())
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
             finally:
                 for f in fs:
                     f.cancel()

@@ -31,8 +31,9 @@ def set_worker_threshold(threshold: int | None) -> None:
 
 class _ResultPickler(_callables.Pickler):
     """Pickles a worker's result: shared arrays by handle, large private
-    arrays copied into shared memory first; classes and functions the parent
-    cannot look up (those that came by value) by value."""
+    arrays copied into shared memory first; classes and functions of
+    ``__main__`` that the parent cannot look up (those that came by value) by
+    value."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
@@ -52,6 +53,11 @@ class _ResultPickler(_callables.Pickler):
             )
             return (_rebuild, (message,))
         if isinstance(obj, _callables.Pickler.CALLABLES):
+            if obj.__module__ != "__main__":
+                # The stdlib's way: by reference, or a PicklingError that fails
+                # the call with MaybeEncodingError (a lambda made by a task of an
+                # importable module); by value is for __main__'s (a notebook's).
+                return NotImplemented
             return super().reducer_override(obj)
         return NotImplemented
 

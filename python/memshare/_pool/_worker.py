@@ -53,9 +53,27 @@ def _run_packed(payload: bytes) -> Any:
     return _pack(fn(*args, **kwds))
 
 
-def _run_plain(payload: bytes) -> Any:
-    """Executor task: unpickle the call, run it, share a large result."""
-    fn, args, kwds = pickle.loads(payload)
+class _Call:
+    """An Executor call pickled by the parent with memshare's pickler.
+
+    It is unpickled where the stdlib unpickles its call items, before the
+    task runs: an argument whose unpickling fails or exits breaks the pool
+    (``BrokenProcessPool``), as in the standard library, instead of failing
+    the task.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def __reduce__(self):
+        return (pickle.loads, (self.payload,))
+
+
+def _run_call(call: tuple) -> Any:
+    """Executor task: run a call (a ``_Call``, unpickled), share a large result."""
+    fn, args, kwds = call
     return _executor_result(fn(*args, **kwds))
 
 

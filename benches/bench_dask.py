@@ -1,0 +1,229 @@
+"""memshare on Dask against stock Dask, same run, same machine.
+
+LocalCluster(n_workers=2, threads_per_worker=1, processes=True) on loopback:
+a stock cluster first, then a cluster with ``memshare.dask.register``. Rows:
+a 200 MB array made on one worker and used on the other, a 200 MB result
+gathered to the client, and the seed workload (a) (row outer product,
+examples/outer_product.py) with 16 tasks: stock Dask with the frame scattered
+once and ``client.map``, ``memshare.dask.Pool`` running the ``ms.Pool`` code
+unchanged, and the sequential loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import outer_product
+from _util import measure, spread, table
+
+N = 25_000_000  # float64: 200 MB
+TASKS = 16
+REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))
+SLOW_REPEAT = int(os.environ.get("BENCH_SLOW_REPEAT", "3"))
+
+
+def make_array(n: int) -> np.ndarray:
+    return np.full(n, 1.0)
+
+
+def first(arr: np.ndarray) -> float:
+    return float(arr[0])
+
+
+def total(arr: np.ndarray) -> float:
+    return float(arr.sum())
+
+
+def outer_task(frame, label):
+    return outer_product.do_work((frame, label))
+
+
+def new_cluster():
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        worker_dashboard_address=None,
+    )
+
+
+def worker_to_worker(client, use) -> tuple[float, float, float]:
+    """A task on worker b uses a 200 MB array made on worker a (made before the clock starts)."""
+    a, b = sorted(client.scheduler_info()["workers"])
+    state: dict = {}
+
+    def setup():
+        state["x"] = client.submit(make_array, N, workers=[a], pure=False)
+        state["x"].result()
+
+    def run():
+        client.submit(use, state["x"], workers=[b], pure=False).result()
+
+    return _timed(setup, run, state, client)
+
+
+def gather(client) -> tuple[float, float, float]:
+    """The client gathers a 200 MB result (made before the clock starts)."""
+    a, _ = sorted(client.scheduler_info()["workers"])
+    state: dict = {}
+
+    def setup():
+        state["x"] = client.submit(make_array, N, workers=[a], pure=False)
+        from distributed import wait
+
+        wait(state["x"])
+
+    def run():
+        state["x"].result()
+
+    return _timed(setup, run, state, client)
+
+
+def _timed(setup, run, state, client) -> tuple[float, float, float]:
+    import time
+
+    times = []
+    for i in range(REPEAT + 1):
+        setup()
+        t0 = time.perf_counter()
+        run()
+        dt = time.perf_counter() - t0
+        state.clear()
+        gc.collect()
+        if i:  # the first is a warm-up
+            times.append(dt)
+    times.sort()
+    return times[len(times) // 2], times[0], times[-1]
+
+
+def workload_stock(client) -> float:
+    frame = outer_product.make_frame()
+    labels = [frame.index[i % len(frame)] for i in range(TASKS)]
+    [f] = client.scatter([frame], broadcast=True)
+    s = 0.0
+    for future in client.map(outer_task, [f] * TASKS, labels, pure=False):
+        s += future.result().sum()
+        future.release()
+    return s
+
+
+def workload_memshare(client) -> float:
+    import memshare.dask
+
+    frame = outer_product.make_frame()
+    labels = [frame.index[i % len(frame)] for i in range(TASKS)]
+    s = 0.0
+    with memshare.dask.Pool(client) as pool:  # was: memshare.Pool()
+        for result in pool.imap(outer_product.do_work, ((frame, label) for label in labels)):
+            s += result.sum()
+    return s
+
+
+def ratio(base: float, other: float) -> str:
+    return f"{base / other:.1f}x"
+
+
+def main() -> None:
+    from distributed import Client
+
+    load = os.getloadavg()
+    results: dict[str, dict] = {}
+    for name in ("stock", "memshare"):
+        with new_cluster() as cluster, Client(cluster) as client:
+            if name == "memshare":
+                import memshare.dask
+
+                memshare.dask.register(client)
+            r = results[name] = {}
+            r["w2w first"] = worker_to_worker(client, first)
+            r["w2w sum"] = worker_to_worker(client, total)
+            r["gather"] = gather(client)
+            if name == "stock":
+                client.direct_to_workers = True
+                r["gather direct"] = gather(client)
+                client.direct_to_workers = None
+                r["workload"] = measure(lambda c=client: workload_stock(c), SLOW_REPEAT, 1)
+            else:
+                r["workload"] = measure(lambda c=client: workload_memshare(c), SLOW_REPEAT, 1)
+    seq = measure(lambda: outer_product.run("sequential", TASKS), SLOW_REPEAT, 0)
+    end_load = os.getloadavg()
+
+    st, ms_ = results["stock"], results["memshare"]
+    rows = [
+        [
+            "200 MB worker to worker, task reads one element",
+            spread(st["w2w first"]),
+            spread(ms_["w2w first"]),
+            ratio(st["w2w first"][0], ms_["w2w first"][0]),
+        ],
+        [
+            "200 MB worker to worker, task sums it",
+            spread(st["w2w sum"]),
+            spread(ms_["w2w sum"]),
+            ratio(st["w2w sum"][0], ms_["w2w sum"][0]),
+        ],
+        [
+            "200 MB gather to the client (stock: through the scheduler, its default)",
+            spread(st["gather"]),
+            spread(ms_["gather"]),
+            ratio(st["gather"][0], ms_["gather"][0]),
+        ],
+        [
+            "200 MB gather to the client (stock: direct_to_workers=True)",
+            spread(st["gather direct"]),
+            spread(ms_["gather"]),
+            ratio(st["gather direct"][0], ms_["gather"][0]),
+        ],
+    ]
+    print(
+        table(
+            f"Dask: 200 MB transfers on one host, 2 workers (median [min-max] of {REPEAT})",
+            ["", "stock Dask", "memshare.dask", "memshare faster by"],
+            rows,
+        )
+    )
+    wl = [
+        ["sequential loop", TASKS / seq[0], spread(seq), "1.00x"],
+        [
+            "stock Dask: scatter(frame, broadcast=True) + client.map",
+            TASKS / st["workload"][0],
+            spread(st["workload"]),
+            f"{seq[0] / st['workload'][0]:.2f}x",
+        ],
+        [
+            "memshare.dask.Pool(client).imap (the ms.Pool code)",
+            TASKS / ms_["workload"][0],
+            spread(ms_["workload"]),
+            f"{seq[0] / ms_['workload'][0]:.2f}x",
+        ],
+    ]
+    wl = [[r[0], f"{r[1]:.2f}", r[2], r[3]] for r in wl]
+    print(
+        table(
+            f"Dask: workload (a), row outer product, {TASKS} tasks on 2 workers "
+            f"(40 MB frame in, 200 MB out per task; median [min-max] of {SLOW_REPEAT})",
+            ["", "tasks/s", "time", "vs loop"],
+            wl,
+        )
+    )
+    print(
+        f"memshare.dask.Pool vs stock Dask: {st['workload'][0] / ms_['workload'][0]:.1f}x. "
+        f"Load average (1 min) {load[0]:.1f} at the start, {end_load[0]:.1f} at the end "
+        "(the machine is shared).\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
