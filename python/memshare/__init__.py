@@ -73,7 +73,12 @@ def stats() -> dict:
     Returns a dict with ``bytes_reserved`` (shared memory taken from the
     system), ``bytes_in_use`` (held by live objects), ``live_blocks``,
     ``segments``, ``pins`` (handles sent but not yet received), ``processes``
-    attached, and ``limit`` (None if unlimited).
+    attached, and ``limit`` (None if unlimited). Two figures are this
+    process's own, counted since it started (or forked):
+    ``lock_acquisitions``, how many times it took the arena's shared mutex
+    (allocations, frees, handles sent and received, this call excluded), and
+    ``populated_bytes``, how much of the large blocks it received had their
+    page tables filled ahead of use by its background thread.
     """
     return _native.stats()
 

@@ -373,7 +373,46 @@ fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, P
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let s = home()?.stats().map_err(to_pyerr)?;
-    stats_dict(py, s)
+    let d = stats_dict(py, s)?;
+    d.set_item("lock_acquisitions", arena::lock_acquisitions())?;
+    d.set_item("populated_bytes", arena::populated_bytes())?;
+    Ok(d)
+}
+
+/// Waits up to `timeout` seconds for this process's background populating
+/// of received blocks to finish; True if it has (tests and benchmarks).
+#[pyfunction]
+fn populate_idle(py: Python<'_>, timeout: f64) -> PyResult<bool> {
+    let timeout = std::time::Duration::try_from_secs_f64(timeout)
+        .map_err(|_| PyValueError::new_err("timeout must be a non-negative number of seconds"))?;
+    Ok(py.detach(|| arena::populate_idle(timeout)))
+}
+
+/// The address of the first element of a buffer-exporting object (a numpy
+/// array's `data` pointer), or None if it exports no buffer. Several times
+/// cheaper than `__array_interface__`, which builds a dict on every call:
+/// this is on the path of every array sent.
+#[pyfunction]
+fn data_address(obj: &Bound<'_, PyAny>) -> Option<usize> {
+    let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::zeroed();
+    // SAFETY: `view` is writable storage for one Py_buffer; on success it is
+    // filled and released below exactly once, on failure it is untouched and
+    // the error the exporter set is cleared.
+    unsafe {
+        if ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_STRIDED_RO) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let addr = (*view.as_ptr()).buf as usize;
+        ffi::PyBuffer_Release(view.as_mut_ptr());
+        Some(addr)
+    }
+}
+
+/// Blocks at least this many bytes are populated ahead of use when received.
+#[pyfunction]
+fn populate_min() -> usize {
+    arena::POPULATE_MIN
 }
 
 /// Sets the arena's byte limit (None: no limit but the file system's).
@@ -488,6 +527,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_array, m)?)?;
     m.add_function(wrap_pyfunction!(find, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
+    m.add_function(wrap_pyfunction!(populate_idle, m)?)?;
+    m.add_function(wrap_pyfunction!(populate_min, m)?)?;
+    m.add_function(wrap_pyfunction!(data_address, m)?)?;
     m.add_function(wrap_pyfunction!(set_limit, m)?)?;
     m.add_function(wrap_pyfunction!(reap, m)?)?;
     m.add_function(wrap_pyfunction!(arena_token, m)?)?;

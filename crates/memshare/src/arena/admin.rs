@@ -45,7 +45,9 @@ impl Txn<'_> {
 
 impl Arena {
     /// Usage figures across every process attached to the arena.
+    /// (The figure `lock_acquisitions` leaves this call's own lock out.)
     pub fn stats(&self) -> Result<Stats> {
+        super::txn::uncount_lock();
         self.with_txn(|txn| Ok(txn.stats()))
     }
 

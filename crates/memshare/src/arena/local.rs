@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::block::Block;
@@ -18,6 +19,17 @@ pub(super) struct LocalRef {
     pub(super) size: u64,
     pub(super) count: usize,
     pub(super) readonly: bool,
+    /// Stops the background populating of this block (see `prefault`) when
+    /// this process drops its last reference.
+    pub(super) prefault: Option<Arc<AtomicBool>>,
+}
+
+impl Drop for LocalRef {
+    fn drop(&mut self) {
+        if let Some(cancel) = &self.prefault {
+            cancel.store(true, Ordering::Release);
+        }
+    }
 }
 
 pub(super) struct Local {

@@ -29,6 +29,7 @@ mod holders;
 mod local;
 mod naming;
 mod pins;
+mod prefault;
 mod repair;
 mod slots;
 mod txn;
@@ -40,7 +41,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 pub use admin::Stats;
 pub use block::{release_raw, Block, PrivateView};
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
+pub use prefault::{huge_pages, populate_idle, populated_bytes, HugePages, POPULATE_MIN};
 pub use slots::SlotInfo;
+pub use txn::lock_acquisitions;
 
 use crate::error::{Error, Result};
 use crate::handle::Handle;
@@ -228,6 +231,7 @@ impl Arena {
                 size,
                 count: 1,
                 readonly,
+                prefault: None,
             },
         );
         local.by_ref.insert(r, ptr as usize);
@@ -265,12 +269,16 @@ impl Arena {
             txn.set_holder(r, slot, true)?;
             (txn.payload_ptr(r)?, size, flags)
         };
-        let entry = local.refs.entry(ptr as usize).or_insert(LocalRef {
+        // The first reference in this process finds its page tables empty:
+        // have them filled in the background (large blocks only).
+        let seg = local.segments.get(r.segment() as usize).cloned().flatten();
+        let entry = local.refs.entry(ptr as usize).or_insert_with(|| LocalRef {
             bref: r,
             generation: h.generation,
             size,
             count: 0,
             readonly: flags & BLOCK_READONLY != 0,
+            prefault: seg.and_then(|m| prefault::populate_soon(m, ptr as usize, h.len as usize)),
         });
         entry.count += 1;
         local.by_ref.insert(r, ptr as usize);

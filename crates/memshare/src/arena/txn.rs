@@ -1,6 +1,7 @@
 //! The metadata of an arena while its robust mutex is held: the control
 //! header, and the block headers of the segments this process maps.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::naming::seg_path;
@@ -9,6 +10,37 @@ use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::layout::*;
 use crate::sys::{self, LockState, Mapping, RobustMutex};
+
+/// Arena-mutex acquisitions made by this process (every arena, since the
+/// process started or forked): the figure that says how much the hot paths
+/// rely on the one shared lock. Per process, so it needs no layout change and
+/// costs one uncontended atomic add per transaction.
+static LOCK_ACQUISITIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Acquisitions made only to read the figures (`Arena::stats`), left out of
+/// the count so that watching it does not change it.
+static STATS_READS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process has taken an arena's mutex (see
+/// [`LOCK_ACQUISITIONS`]), leaving out reads of the figures themselves and
+/// `memshare ls`.
+pub fn lock_acquisitions() -> u64 {
+    let reads = STATS_READS.load(Ordering::Relaxed);
+    LOCK_ACQUISITIONS
+        .load(Ordering::Relaxed)
+        .saturating_sub(reads)
+}
+
+/// The next acquisition only reads the figures.
+pub(super) fn uncount_lock() {
+    STATS_READS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Restarts the count (in a forked child, which inherits its parent's).
+pub(super) fn reset_lock_acquisitions() {
+    LOCK_ACQUISITIONS.store(0, Ordering::Relaxed);
+    STATS_READS.store(0, Ordering::Relaxed);
+}
 
 /// The metadata of an arena while its mutex is held.
 pub(super) struct Txn<'a> {
@@ -37,6 +69,7 @@ impl Inner {
         let mutex =
             unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
         let state = mutex.lock()?;
+        LOCK_ACQUISITIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: we now hold the arena mutex, which every process takes before
         // touching the control header, so this is the only live reference to it.
         let ctl = unsafe { &mut *ctl_ptr };
@@ -137,6 +170,7 @@ impl super::Local {
         if self.segments.len() <= idx {
             self.segments.resize_with(idx + 1, || None);
         }
+        super::prefault::advise_segment(&map);
         self.segments[idx] = Some(Arc::new(map));
     }
 }
