@@ -4,14 +4,22 @@
 2. A worker receiving an array and summing it: SharedArray handle vs a plain
    ndarray pickled through multiprocessing.Pool, from 1 MiB to 1 GiB.
 3. Allocate-and-free of 40 MB blocks vs multiprocessing.shared_memory.
+4. A worker's first full read of a received 1 GiB array against a warm
+   private read: 4 KiB pages, 4 KiB pages populated ahead of use
+   (MEMSHARE_POPULATE=1), and huge pages on a tmpfs mounted huge=always
+   (mounted here when run as root and the kernel allows it).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing as mp
+import os
 import pickle
+import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -19,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import fmt_time, measure, spread, table
+from _util import REPEAT, conditions, fmt_time, measure, spread, summary, table
 
 import memshare as ms
 
@@ -52,8 +60,8 @@ def bench_send_and_sum() -> str:
         for size in (1 << 20, 100 << 20, GiB):
             plain = np.random.default_rng(1).random(size // 8)
             shared = ms.share(plain)
-            compute = measure(lambda a=plain: a.sum(), repeat=3)
-            t_plain = measure(lambda a=plain: pool.apply(worker_sum, (a,)), repeat=3)
+            compute = measure(lambda a=plain: a.sum(), repeat=REPEAT)
+            t_plain = measure(lambda a=plain: pool.apply(worker_sum, (a,)), repeat=REPEAT)
             t_shared = measure(lambda a=shared: pool.apply(worker_sum, (a,)), repeat=5)
             handle = len(pickle.loads(pickle.dumps(shared)).__reduce_ex__(5)[1][0])
             rows.append(
@@ -92,8 +100,8 @@ def bench_alloc_free() -> str:
             s.close()
             s.unlink()
 
-    t_ms = measure(memshare_cycle, repeat=3)[0] / cycles
-    t_shm = measure(shm_cycle, repeat=3)[0] / (cycles // 10)
+    t_ms = measure(memshare_cycle, repeat=REPEAT)[0] / cycles
+    t_shm = measure(shm_cycle, repeat=REPEAT)[0] / (cycles // 10)
     return table(
         "Allocate, touch every page, free: 40 MB blocks (median per cycle)",
         ["", "per cycle", "vs SharedMemory"],
@@ -104,12 +112,118 @@ def bench_alloc_free() -> str:
     )
 
 
+# --- first read of a received array --------------------------------------------------
+
+
+def _first_read_consumer(q, back, reps):
+    private = np.ones(GiB // 8)
+    private.sum()  # faulted in: a warm private read from now on
+    warm = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        private.sum()
+        warm.append(time.perf_counter() - t0)
+    del private
+    first = []
+    for _ in range(reps):
+        a = q.get(timeout=600)
+        t0 = time.perf_counter()
+        a.sum()  # the first full read of this block in this process
+        first.append(time.perf_counter() - t0)
+        del a
+        back.put(None)
+    back.put((warm, first))
+
+
+def first_read_run(reps: int) -> dict:
+    """In this process (its environment chose the page size and populating):
+    a consumer's first read of each of ``reps`` received 1 GiB arrays."""
+    ctx = mp.get_context("forkserver")
+    q, back = ms.Queue(2), ms.Queue(2)
+    p = ctx.Process(target=_first_read_consumer, args=(q, back, reps))
+    p.start()
+    for _ in range(reps):
+        a = ms.empty(GiB // 8)
+        a[:] = 1.0  # written by the producer: the consumer has no page tables for it
+        q.put(a, timeout=600)
+        del a
+        back.get(timeout=600)
+    warm, first = back.get(timeout=600)
+    p.join(60)
+    return {"warm": warm, "first": first}
+
+
+def _huge_tmpfs() -> tuple[str | None, str]:
+    """(directory of a tmpfs mounted huge=always, why not) for this run."""
+    if os.geteuid() != 0:
+        return None, "not root: cannot mount a tmpfs with huge=always"
+    d = tempfile.mkdtemp(prefix="memshare-huge-")
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "huge=always,size=3G,mode=0700", "tmpfs", d],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        os.rmdir(d)
+        return None, f"mount -o huge=always refused: {r.stderr.strip()}"
+    return d, ""
+
+
+def bench_first_read() -> str:
+    reps = REPEAT
+    cases = [
+        ("4 KiB pages (default)", {}),
+        ("4 KiB pages, MEMSHARE_POPULATE=1", {"MEMSHARE_POPULATE": "1"}),
+    ]
+    huge, why = _huge_tmpfs()
+    if huge:
+        cases.append(
+            ("huge pages: MEMSHARE_DIR on a tmpfs mounted huge=always", {"MEMSHARE_DIR": huge})
+        )
+    rows = []
+    try:
+        for name, env in cases:
+            out = subprocess.run(
+                [sys.executable, __file__, "--first-read", str(reps)],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if out.returncode != 0:
+                rows.append([name, "failed", out.stderr.strip().splitlines()[-1:], "", ""])
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            warm, first = summary(r["warm"]), summary(r["first"])
+            rows.append([name, spread(first), spread(warm), f"{first[0] / warm[0]:.2f}x"])
+    finally:
+        if huge:
+            subprocess.run(["umount", huge], check=False)
+            os.rmdir(huge)
+    if not huge:
+        rows.append(["huge pages", "not measured", why, ""])
+    with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+        shmem = f.read().strip()
+    shmem = shmem[shmem.find("[") + 1 : shmem.find("]")] if "[" in shmem else shmem
+    return table(
+        f"A worker's first full read (sum) of a received 1 GiB array vs a warm private read "
+        f"(median [min-max] of {reps}; goal: at most 1.15x). shmem_enabled: {shmem}",
+        ["pages", "first read of the received array", "warm private read", "ratio"],
+        rows,
+    )
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--first-read"]:
+        print(json.dumps(first_read_run(int(sys.argv[2]))))
+        return
     print("## Foundation: SharedArray\n")
+    print(f"_{conditions()}_\n")
     t0 = time.perf_counter()
     print(bench_share_vs_copy())
     print(bench_send_and_sum())
     print(bench_alloc_free())
+    print(bench_first_read())
     print(f"_bench_array took {time.perf_counter() - t0:.0f} s_\n")
 
 

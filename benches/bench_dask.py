@@ -22,12 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import outer_product
-from _util import measure, spread, table
+from _util import REPEAT, measure, spread, table
 
 N = 25_000_000  # float64: 200 MB
 TASKS = 16
-REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))
-SLOW_REPEAT = int(os.environ.get("BENCH_SLOW_REPEAT", "3"))
+SLOW_REPEAT = REPEAT
 
 
 def make_array(n: int) -> np.ndarray:

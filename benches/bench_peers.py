@@ -16,7 +16,7 @@ of several repetitions with [min-max]; ratios against memshare from this run.
 No assertions.
 
     python benches/bench_peers.py [--workloads outer,conv,attr,cameras,frame,latency]
-        [--repeat 3] [--slow-repeat 3] [--outer-tasks 20] [--frame-mb 1024] [--no-ray]
+        [--repeat 5] [--slow-repeat 5] [--outer-tasks 20] [--frame-mb 1024] [--no-ray]
 
 joblib and Ray are benchmark-only dependencies (``make bench`` installs them);
 a peer that is not installed is reported as n/a.
@@ -1425,14 +1425,14 @@ def summary_section(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="outer,conv,attr,cameras,frame,latency")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of the fast peers")
-    ap.add_argument("--slow-repeat", type=int, default=3, help="runs of the slow peers")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of the fast peers")
+    ap.add_argument("--slow-repeat", type=int, default=5, help="runs of the slow peers")
     ap.add_argument("--outer-tasks", type=int, default=12)
     ap.add_argument("--conv-tasks", type=int, default=4)
     ap.add_argument("--attr-tasks", type=int, default=2000)
     ap.add_argument("--camera-frames", type=int, default=12, help="frames per camera")
     ap.add_argument("--frame-mb", type=int, default=1024)
-    ap.add_argument("--frame-repeat", type=int, default=2)
+    ap.add_argument("--frame-repeat", type=int, default=5)
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--frame-peer", help=argparse.SUPPRESS)

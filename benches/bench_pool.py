@@ -25,12 +25,11 @@ sys.path.insert(0, str(ROOT / "benches"))
 import class_attribute
 import convolution
 import outer_product
-from _util import measure, spread, table
+from _util import REPEAT, conditions, measure_interleaved, spread, table
 
 import memshare as ms
 
 WORKERS = 2
-REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 
 
 # --- the multiprocessing.shared_memory recipe for workload (a) -------------------
@@ -82,32 +81,99 @@ def ratio(a: float, b: float) -> str:
     return f"{b / a:.2f}x"
 
 
-def bench_outer_product(tasks: int = 60) -> str:
-    m = {
-        "sequential loop": measure(lambda: outer_product.run("sequential", tasks), REPEAT, 0),
-        "memshare.Pool": measure(lambda: outer_product.run("memshare", tasks), REPEAT, 1),
-        "shared_memory recipe": measure(lambda: recipe_outer_product(tasks), REPEAT, 0),
-        # ~1 task/s: one run only
-        "multiprocessing.Pool": measure(lambda: outer_product.run("multiprocessing", tasks), 1, 0),
-    }
+def bench_outer_product(tasks: int = 24) -> str:
+    # Interleaved runs (loop, memshare, threads, recipe, mp.Pool, loop, ...):
+    # a change in the machine's load hits every way alike.
+    m = measure_interleaved(
+        {
+            "sequential loop": lambda: outer_product.run("sequential", tasks),
+            "memshare.Pool": lambda: outer_product.run("memshare", tasks),
+            "thread pool (multiprocessing.pool.ThreadPool)": lambda: outer_product.run(
+                "threads", tasks
+            ),
+            "shared_memory recipe": lambda: recipe_outer_product(tasks),
+            "multiprocessing.Pool": lambda: outer_product.run("multiprocessing", tasks),
+        },
+        REPEAT,
+        warmup=0,
+    )
     ms_t = m["memshare.Pool"][0]
-    rows = [[name, f"{tasks / v[0]:.2f}", spread(v), ratio(ms_t, v[0])] for name, v in m.items()]
+    rows = [
+        [
+            name,
+            f"{tasks / v[0]:.2f}",
+            spread(v),
+            ratio(ms_t, v[0]),
+            ratio(v[0], m["sequential loop"][0]),
+        ]
+        for name, v in m.items()
+    ]
     return table(
         f"Workload (a): row outer product, {tasks} tasks (40 MB frame in, 200 MB out), "
-        f"{WORKERS} workers",
-        ["how", "tasks/s", "time (median [min-max])", "memshare.Pool is faster by"],
+        f"{WORKERS} workers, every way sums each result "
+        f"(median [min-max] of {REPEAT}, interleaved)",
+        ["how", "tasks/s", "time", "memshare.Pool is faster by", "vs the loop"],
+        rows,
+    )
+
+
+# --- arena-lock acquisitions per task of workload (a) ----------------------------------
+
+_BARRIER = None
+
+
+def _keep_barrier(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _worker_locks(_):
+    # Both workers wait here together, so each reports exactly once.
+    _BARRIER.wait(600)
+    return os.getpid(), ms.stats()["lock_acquisitions"]
+
+
+def bench_lock_traffic(tasks: int = 24) -> str:
+    ctx = mp.get_context()
+    frame = outer_product.make_frame()
+    labels = [frame.index[i % len(frame)] for i in range(tasks)]
+    barrier = ctx.Barrier(WORKERS)
+    with ms.Pool(WORKERS, initializer=_keep_barrier, initargs=(barrier,)) as pool:
+        total = 0.0
+        for r in pool.imap(outer_product.do_work, ((frame, label) for label in labels[:2])):
+            total += r.sum()  # warm: the frame is shared once, segments mapped
+        before = dict(pool.map(_worker_locks, range(WORKERS), chunksize=1))
+        parent0 = ms.stats()["lock_acquisitions"]
+        for r in pool.imap(outer_product.do_work, ((frame, label) for label in labels)):
+            total += r.sum()
+        del r
+        parent1 = ms.stats()["lock_acquisitions"]
+        after = dict(pool.map(_worker_locks, range(WORKERS), chunksize=1))
+    workers = sum(after[pid] - before[pid] for pid in after)
+    parent = parent1 - parent0
+    rows = [
+        ["parent (sends tasks, receives and frees results)", parent, f"{parent / tasks:.1f}"],
+        [f"{WORKERS} workers (allocate results, send them)", workers, f"{workers / tasks:.1f}"],
+        ["all processes", parent + workers, f"{(parent + workers) / tasks:.1f}"],
+    ]
+    return table(
+        f"Arena-lock acquisitions, workload (a) with memshare.Pool, {tasks} tasks "
+        "(ms.stats()['lock_acquisitions'] of each process; goal: at most 4 per task)",
+        ["who", "acquisitions", "per task"],
         rows,
     )
 
 
 def bench_convolution(tasks: int = 8) -> str:
-    m = {
-        "sequential loop": measure(lambda: convolution.run("sequential", tasks), REPEAT, 0),
-        "memshare.Pool": measure(lambda: convolution.run("memshare", tasks), REPEAT, 1),
-        "multiprocessing.Pool": measure(
-            lambda: convolution.run("multiprocessing", tasks), REPEAT, 0
-        ),
-    }
+    m = measure_interleaved(
+        {
+            "sequential loop": lambda: convolution.run("sequential", tasks),
+            "memshare.Pool": lambda: convolution.run("memshare", tasks),
+            "multiprocessing.Pool": lambda: convolution.run("multiprocessing", tasks),
+        },
+        REPEAT,
+        warmup=0,
+    )
     ms_t = m["memshare.Pool"][0]
     rows = [[name, f"{tasks / v[0]:.2f}", spread(v), ratio(ms_t, v[0])] for name, v in m.items()]
     return table(
@@ -119,11 +185,15 @@ def bench_convolution(tasks: int = 8) -> str:
 
 def bench_class_attribute(tasks: int = 2000) -> str:
     model = class_attribute.Model()
-    m = {
-        "sequential loop": measure(lambda: model.run("sequential", tasks), REPEAT, 0),
-        "memshare.Pool": measure(lambda: model.run("memshare", tasks), REPEAT, 1),
-        "multiprocessing.Pool": measure(lambda: model.run("multiprocessing", tasks), REPEAT, 0),
-    }
+    m = measure_interleaved(
+        {
+            "sequential loop": lambda: model.run("sequential", tasks),
+            "memshare.Pool": lambda: model.run("memshare", tasks),
+            "multiprocessing.Pool": lambda: model.run("multiprocessing", tasks),
+        },
+        REPEAT,
+        warmup=0,
+    )
     ms_t = m["memshare.Pool"][0]
     rows = [[name, spread(v), ratio(ms_t, v[0])] for name, v in m.items()]
     return table(
@@ -142,17 +212,26 @@ def bench_tiny_tasks(n: int = 100_000, chunksize: int = 100) -> str:
     data = list(range(n))
     rows = []
     medians = {}
-    for name, cls in [("multiprocessing.Pool", mp.Pool), ("memshare.Pool", ms.Pool)]:
-        with cls(WORKERS) as pool:
-            pool.map(identity, data, chunksize=chunksize)  # warm up
-            med = measure(lambda p=pool: p.map(identity, data, chunksize=chunksize), 7, 0)
+    # Both pools stay open (an idle pool takes no CPU) and their runs alternate.
+    with mp.Pool(WORKERS) as mp_pool, ms.Pool(WORKERS) as ms_pool:
+        pools = {"multiprocessing.Pool": mp_pool, "memshare.Pool": ms_pool}
+        m = measure_interleaved(
+            {
+                name: (lambda p=pool: p.map(identity, data, chunksize=chunksize))
+                for name, pool in pools.items()
+            },
+            max(REPEAT, 9),
+            warmup=1,
+        )
+    for name, med in m.items():
         medians[name] = med[0]
         rows.append([name, spread(med), f"{med[0] / n * 1e6:.2f} µs"])
     base = medians["multiprocessing.Pool"]
     for r, name in zip(rows, medians, strict=True):
         r.append(f"{medians[name] / base:.2f}x")
     return table(
-        f"Per-task overhead: identity on small ints, {n} tasks, chunksize {chunksize}",
+        f"Per-task overhead: identity on small ints, {n} tasks, chunksize {chunksize} "
+        "(interleaved runs)",
         ["pool", "map time (median [min-max])", "per task", "vs multiprocessing.Pool"],
         rows,
     )
@@ -161,7 +240,14 @@ def bench_tiny_tasks(n: int = 100_000, chunksize: int = 100) -> str:
 def main() -> None:
     warnings.simplefilter("ignore")
     print(__doc__.split("\n\n")[0].replace("\n", " ") + "\n")
-    for bench in (bench_tiny_tasks, bench_convolution, bench_class_attribute, bench_outer_product):
+    print(f"_{conditions()}_\n")
+    for bench in (
+        bench_tiny_tasks,
+        bench_outer_product,
+        bench_lock_traffic,
+        bench_convolution,
+        bench_class_attribute,
+    ):
         print(bench(), flush=True)
 
 

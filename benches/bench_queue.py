@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import fmt_time, table
+from _util import REPEAT, conditions, fmt_time, summary, table
 
 import memshare as ms
 from memshare._queue import Queue
@@ -116,6 +116,62 @@ def bench_latency() -> str:
     return "\n".join(out)
 
 
+# --- one-way hand-off of an array already in shared memory -----------------------
+
+
+def _handoff_consumer(q, back, n):
+    lats = []
+    for _ in range(n):
+        a = q.get(timeout=600)
+        lats.append(time.perf_counter() - a[0])  # read a[0] right after get
+        del a
+        back.put(None)
+    back.put(lats)
+
+
+def handoff(nbytes: int, reps: int) -> list[float]:
+    """One-way latencies: the producer writes its clock into a[0] and puts a
+    (already in shared memory); the consumer reads a[0] right after get.
+    Both use perf_counter (CLOCK_MONOTONIC, one clock for every process)."""
+    q, back = Queue(2), Queue(2)
+    p = CTX.Process(target=_handoff_consumer, args=(q, back, reps))
+    p.start()
+    a = ms.zeros(max(nbytes // 8, 1))
+    for _ in range(reps):
+        a[0] = time.perf_counter()
+        q.put(a, timeout=600)
+        back.get(timeout=600)
+    lats = back.get(timeout=600)
+    p.join(60)
+    return lats[1:]  # the first maps the segment in the consumer
+
+
+def bench_handoff() -> str:
+    rows = []
+    meds = []
+    for size, reps in [(1 << 10, 300), (1 << 20, 300), (100 << 20, 100), (1 << 30, 40)]:
+        # REPEAT separate producer/consumer pairs; each gives the median of its messages
+        runs = [statistics.median(handoff(size, reps)) for _ in range(REPEAT)]
+        m = summary(runs)
+        meds.append(m[0])
+        label = (
+            f"{size >> 30} GiB"
+            if size >= 1 << 30
+            else (f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB")
+        )
+        rows.append([label, reps, f"{fmt_time(m[0])} [{fmt_time(m[1])}-{fmt_time(m[2])}]"])
+        gc.collect()
+    spread_x = max(meds) / min(meds)
+    return table(
+        "One-way hand-off of an array already in shared memory through ms.Queue (the "
+        "producer writes its clock into a[0] and puts a; the consumer reads a[0] right "
+        f"after get). Median of {REPEAT} runs [min-max]; goal <= 25 µs, within 2x across "
+        f"sizes (here {spread_x:.2f}x)",
+        ["size", "messages per run", "one-way latency"],
+        rows,
+    )
+
+
 # --- small messages -------------------------------------------------------------
 
 
@@ -192,21 +248,37 @@ def throughput(kind: str, n: int) -> float:
 
 def bench_small() -> str:
     names = {"ms": "ms.Queue", "mp": "multiprocessing.Queue", "pipe": "multiprocessing.Pipe"}
-    rt = {k: statistics.median(round_trip(k, 5000) for _ in range(3)) for k in names}
-    tp = {k: statistics.median(throughput(k, 100_000) for _ in range(3)) for k in names}
+    rts: dict[str, list[float]] = {k: [] for k in names}
+    tps: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(REPEAT):  # interleaved: ms, mp, pipe, ms, ...
+        for k in names:
+            rts[k].append(round_trip(k, 5000))
+        for k in names:
+            tps[k].append(throughput(k, 100_000))
+    rt = {k: statistics.median(v) for k, v in rts.items()}
+    tp = {k: statistics.median(v) for k, v in tps.items()}
     rows = [
         [
             names[k],
-            fmt_time(rt[k]),
+            f"{fmt_time(rt[k])} [{fmt_time(min(rts[k]))}-{fmt_time(max(rts[k]))}]",
             f"{rt['mp'] / rt[k]:.1f}x",
+            f"{rt[k] / rt['pipe']:.2f}",
             f"{tp[k]:,.0f}",
             f"{tp[k] / tp['mp']:.1f}x",
         ]
         for k in names
     ]
     return table(
-        "Small messages (an int): round trip and one-way throughput (medians of 3 runs)",
-        ["transport", "round trip", "speed vs mp.Queue", "messages/s", "vs mp.Queue"],
+        f"Small messages (an int): round trip and one-way throughput (medians of {REPEAT} "
+        "interleaved runs; goal: ms.Queue round trip <= 25 µs and <= 0.5 of mp.Pipe's)",
+        [
+            "transport",
+            "round trip",
+            "speed vs mp.Queue",
+            "round trip / mp.Pipe's",
+            "messages/s",
+            "vs mp.Queue",
+        ],
         rows,
     )
 
@@ -222,31 +294,45 @@ def bench_cameras() -> str:
         ("ms.Queue (frames born in shared memory)", Queue, False),
         ("multiprocessing.Queue (frames pickled)", CTX.Queue, True),
     ]:
-        runs = [pc.run(20, None, 8, factory, plain, CTX) for _ in range(3)]
+        runs = [pc.run(20, None, 8, factory, plain, CTX) for _ in range(REPEAT)]
         fps = statistics.median(r["frames_per_s"] for r in runs)
         skipped = statistics.median(r["skipped"] for r in runs)
         res[name] = fps
-        rows.append([name, f"{fps:.1f}", f"{skipped:.0f} of 100"])
+        frames = statistics.median(r["sent"] for r in runs)
+        locks = statistics.median(r["lock_acquisitions"] / max(r["sent"], 1) for r in runs)
+        rows.append(
+            [name, f"{fps:.1f}", f"{skipped:.0f} of 100", f"{locks:.1f} ({frames:.0f} sent)"]
+        )
         gc.collect()
     base = res["multiprocessing.Queue (frames pickled)"]
     for r in rows:
         r.append(f"{res[r[0]] / base:.2f}x")
     return table(
         "Camera/matcher scenario, no sleeps: 5 cameras x 20 frames of 5000x250 float64, "
-        "2 matchers, maxsize 8 (medians of 3 runs)",
-        ["queue", "frames matched/s", "frames skipped", "vs multiprocessing.Queue"],
+        f"2 matchers, maxsize 8 (medians of {REPEAT} runs)",
+        [
+            "queue",
+            "frames matched/s",
+            "frames skipped",
+            "arena-lock acquisitions per frame sent (cameras + matchers)",
+            "vs multiprocessing.Queue",
+        ],
         rows,
     )
 
 
 def main() -> None:
-    parts = sys.argv[1:] or ["latency", "small", "cameras"]
+    parts = sys.argv[1:] or ["handoff", "latency", "small", "cameras"]
     print("## Queue\n", flush=True)
+    print(f"_{conditions()}_\n", flush=True)
+    benches = {
+        "handoff": bench_handoff,
+        "latency": bench_latency,
+        "small": bench_small,
+        "cameras": bench_cameras,
+    }
     for name in parts:
-        print(
-            {"latency": bench_latency, "small": bench_small, "cameras": bench_cameras}[name](),
-            flush=True,
-        )
+        print(benches[name](), flush=True)
 
 
 if __name__ == "__main__":

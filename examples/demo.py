@@ -4,15 +4,20 @@ Runs workload (a) (row outer product: 40 MB frame in, 200 MB array out per
 task) and workload (b) (20x20 convolution of the whole frame per task) as a
 plain loop, with ``multiprocessing.Pool`` and with ``memshare.Pool`` — the
 same code, only the import differs (see outer_product.py and convolution.py)
-— and prints tasks/s and ratios. While each runs, it samples the proportional
-set size (PSS, from /proc/<pid>/smaps_rollup) of this process and its
-workers: shared pages count once, split among the processes that map them.
-Takes about a minute on 2 cores.
+— and prints tasks/s: the median of 5 runs (interleaved, so a change of
+load hits every mode alike) with its min-max, ratios of those medians, and
+the load average; it warns when the load is above the number of cores. Every
+figure it prints was measured in that run. Then, in one more run of each,
+it samples the proportional set size (PSS, from /proc/<pid>/smaps_rollup)
+of this process and its workers: shared pages count once, split among the
+processes that map them.
+Takes about two minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import threading
 import time
@@ -103,10 +108,37 @@ class PeakPss:
         self._thread.join()
 
 
-def timed(run, mode: str, tasks: int) -> float:
-    t0 = time.perf_counter()
-    run(mode, tasks)
-    return tasks / (time.perf_counter() - t0)
+RUNS = 5  # every figure: the median of this many runs, with its min-max
+
+
+def timed_runs(run, tasks: int) -> dict[str, list[float]]:
+    """tasks/s of RUNS runs of every mode, interleaved (loop, Pool, memshare,
+    loop, ...) so a change in the machine's load hits every mode alike."""
+    speeds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for i in range(RUNS):
+        print(f"  run {i + 1}/{RUNS}:", end="", flush=True)
+        for mode in MODES:
+            t0 = time.perf_counter()
+            run(mode, tasks)
+            speeds[mode].append(tasks / (time.perf_counter() - t0))
+            print(
+                f" {LABELS[mode]} {speeds[mode][-1]:.2f}",
+                end=";" if mode != MODES[-1] else "",
+                flush=True,
+            )
+        print(f"  (load {os.getloadavg()[0]:.1f})")
+    return speeds
+
+
+def loaded_warning(load: float, where: str = "below") -> str | None:
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (
+        f"WARNING: the load average ({load:.1f}) is above the number of cores ({cores}):"
+        f"\nother programs compete with these runs, the figures {where} are slower and"
+        "\nmore spread than on a quiet machine (compare the min-max ranges)."
+    )
 
 
 def peak_pss(run, mode: str, tasks: int) -> float:
@@ -119,31 +151,42 @@ def peak_pss(run, mode: str, tasks: int) -> float:
 
 def main() -> None:
     workloads = [
-        ("(a) row outer product", outer_product.run, 24),
-        ("(b) 20x20 convolution", convolution.run, 10),
+        ("(a) row outer product", outer_product.run, 8),
+        ("(b) 20x20 convolution", convolution.run, 3),
     ]
-    print(f"memshare demo on {os.cpu_count()} cores, 2 worker processes\n")
+    cores = os.cpu_count() or 1
+    load_at_start = os.getloadavg()[0]
+    print(f"memshare demo on {cores} cores, 2 worker processes, load average {load_at_start:.2f}\n")
+    warning = loaded_warning(load_at_start)
+    if warning:
+        print(warning + "\n")
     print("The naive code (examples/outer_product.py), workload (a):\n")
     print(NAIVE)
     print("With multiprocessing it is slower than a plain loop: the frame is pickled")
     print("into every task and every 200 MB result is pickled back. The change:\n")
     print(CHANGE)
     outer_product.run("memshare", 2)  # warm the shared memory up once
+    loads = [load_at_start]
     for title, run, tasks in workloads:
-        speeds = {}
+        print(f"{title}, {tasks} tasks per run, {RUNS} runs:")
+        speeds = timed_runs(run, tasks)
+        loads.append(os.getloadavg()[0])
+        med = {mode: statistics.median(v) for mode, v in speeds.items()}
+        print(f"\n{title}: tasks/s, median of {RUNS} runs [min-max]")
+        print(f"  {'':22} {'tasks/s':>20} {'vs loop':>8} {'vs Pool':>8}")
         for mode in MODES:
-            print(f"  {title}: {LABELS[mode]} ...", end="", flush=True)
-            speeds[mode] = timed(run, mode, tasks)
-            print(f" {speeds[mode]:.2f} tasks/s")
-        print(f"\n{title}, {tasks} tasks")
-        print(f"  {'':22} {'tasks/s':>8} {'vs loop':>8} {'vs Pool':>8}")
-        for mode in MODES:
-            s = speeds[mode]
+            v = speeds[mode]
+            cell = f"{med[mode]:.2f} [{min(v):.2f}-{max(v):.2f}]"
             print(
-                f"  {LABELS[mode]:22} {s:8.2f} {s / speeds['sequential']:7.2f}x "
-                f"{s / speeds['multiprocessing']:7.2f}x"
+                f"  {LABELS[mode]:22} {cell:>20} {med[mode] / med['sequential']:7.2f}x "
+                f"{med[mode] / med['multiprocessing']:7.2f}x"
             )
         print()
+    print(f"Load average during the runs: {min(loads):.2f} to {max(loads):.2f} on {cores} cores.")
+    warning = loaded_warning(max(loads), "above")
+    if warning:
+        print(warning)
+    print()
     tasks = 6
     print(f"Where the memory went: (a) once more, {tasks} tasks, sampling the total PSS of")
     print("the parent and its workers (shared pages count once, split among the")

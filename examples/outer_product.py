@@ -40,6 +40,8 @@ def run(mode: str, tasks: int, processes: int = 2) -> float:
         return total
     if mode == "multiprocessing":
         from multiprocessing import Pool
+    elif mode == "threads":  # threads share the frame; numpy releases the GIL
+        from multiprocessing.pool import ThreadPool as Pool
     else:
         from memshare import Pool
     with Pool(processes) as pool:
@@ -51,7 +53,9 @@ def run(mode: str, tasks: int, processes: int = 2) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--mode", choices=["sequential", "multiprocessing", "memshare"], default="memshare"
+        "--mode",
+        choices=["sequential", "multiprocessing", "threads", "memshare"],
+        default="memshare",
     )
     parser.add_argument("--tasks", type=int, default=60)
     parser.add_argument("--processes", type=int, default=2)

@@ -72,12 +72,14 @@ def matcher(frames: queue.Queue, results: queue.Queue) -> None:
                 best.append(float(sim.max(axis=1).mean()))
         latest[cam] = frame  # the previous frame of this camera is freed here
         matched += 1
-    results.put(("matcher", matched, float(np.mean(best)) if best else 0.0))
+    locks = ms.stats()["lock_acquisitions"]  # this process's arena-lock traffic
+    results.put(("matcher", matched, float(np.mean(best)) if best else 0.0, locks))
 
 
 def _camera_proc(cam, frames, results, n_frames, fps, plain):
     new_frame = np.empty if plain else ms.empty
-    results.put(("camera", *camera(cam, frames, n_frames, fps, new_frame)))
+    sent, skipped = camera(cam, frames, n_frames, fps, new_frame)
+    results.put(("camera", sent, skipped, ms.stats()["lock_acquisitions"]))
 
 
 def run(
@@ -88,7 +90,8 @@ def run(
     plain_frames: bool = False,
     ctx=None,
 ) -> dict:
-    """Runs the scenario; returns frames sent/skipped/matched and frames/s.
+    """Runs the scenario; returns frames sent/skipped/matched, frames/s and the
+    arena-lock acquisitions of the cameras and matchers.
 
     ``ctx`` is a multiprocessing context (default: memshare's of the default
     start method); ``queue_factory(maxsize)`` makes the queues (default
@@ -105,19 +108,21 @@ def run(
     for p in matchers + cams:
         p.start()
     t0 = time.perf_counter()
-    out = {"sent": 0, "skipped": 0, "matched": 0, "similarity": []}
+    out = {"sent": 0, "skipped": 0, "matched": 0, "similarity": [], "lock_acquisitions": 0}
     for _ in range(N_CAMERAS):
-        _, sent, skipped = results.get(timeout=120)
+        _, sent, skipped, locks = results.get(timeout=120)
         out["sent"] += sent
         out["skipped"] += skipped
+        out["lock_acquisitions"] += locks
     for p in cams:  # a camera exits once its frames are in the queue
         p.join(120)
     for _ in range(N_MATCHERS):
         frames.put(None, timeout=120)
     for _ in range(N_MATCHERS):
-        _, matched, sim = results.get(timeout=120)
+        _, matched, sim, locks = results.get(timeout=120)
         out["matched"] += matched
         out["similarity"].append(sim)
+        out["lock_acquisitions"] += locks
     elapsed = time.perf_counter() - t0
     for p in matchers:
         p.join(60)

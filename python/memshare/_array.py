@@ -10,6 +10,7 @@ process maps the same memory.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import multiprocessing.reduction
 import pickle
@@ -46,7 +47,9 @@ def _encode_dtype(dt: np.dtype) -> str:
     return "descr:" + repr(np.lib.format.dtype_to_descr(dt))
 
 
+@functools.lru_cache(maxsize=256)
 def _decode_dtype(s: str) -> np.dtype:
+    # Cached: every array received decodes one, and a program sends few dtypes.
     if s.startswith("descr:"):
         return np.lib.format.descr_to_dtype(ast.literal_eval(s[len("descr:") :]))
     return np.dtype(s)
@@ -61,12 +64,19 @@ def _check_dtype(dt: np.dtype) -> None:
         )
 
 
+def _data_address(arr: np.ndarray) -> int:
+    """``arr``'s data pointer (through the buffer protocol where numpy
+    exports one: ``__array_interface__`` builds a dict, 5 µs a call)."""
+    address = _native.data_address(arr)
+    return arr.__array_interface__["data"][0] if address is None else address
+
+
 def _block_of(arr: np.ndarray) -> tuple[_native.Block, int] | None:
     """The shared block under ``arr`` and the byte offset of ``arr.data`` in it."""
     base = arr
     while base is not None:
         if isinstance(base, _native.Block):
-            return base, arr.__array_interface__["data"][0] - base.address
+            return base, _data_address(arr) - base.address
         base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
     if arr.size == 0:
         return None
@@ -75,7 +85,7 @@ def _block_of(arr: np.ndarray) -> tuple[_native.Block, int] | None:
     if found is None:
         return None
     block, off = found
-    return block, off + (arr.__array_interface__["data"][0] - lo)
+    return block, off + (_data_address(arr) - lo)
 
 
 def is_shared(obj: Any) -> bool:

@@ -354,6 +354,9 @@ fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, P
     let d = PyDict::new(py);
     d.set_item("bytes_reserved", s.bytes_reserved)?;
     d.set_item("bytes_in_use", s.bytes_in_use)?;
+    d.set_item("bytes_segments", s.bytes_segments)?;
+    d.set_item("memfd_segments", s.memfd_segments)?;
+    d.set_item("retain", s.retain)?;
     d.set_item("live_blocks", s.live_blocks)?;
     d.set_item("segments", s.segments)?;
     d.set_item("pins", s.pins)?;
@@ -373,7 +376,46 @@ fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, P
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let s = home()?.stats().map_err(to_pyerr)?;
-    stats_dict(py, s)
+    let d = stats_dict(py, s)?;
+    d.set_item("lock_acquisitions", arena::lock_acquisitions())?;
+    d.set_item("populated_bytes", arena::populated_bytes())?;
+    Ok(d)
+}
+
+/// Waits up to `timeout` seconds for this process's background populating
+/// of received blocks to finish; True if it has (tests and benchmarks).
+#[pyfunction]
+fn populate_idle(py: Python<'_>, timeout: f64) -> PyResult<bool> {
+    let timeout = std::time::Duration::try_from_secs_f64(timeout)
+        .map_err(|_| PyValueError::new_err("timeout must be a non-negative number of seconds"))?;
+    Ok(py.detach(|| arena::populate_idle(timeout)))
+}
+
+/// The address of the first element of a buffer-exporting object (a numpy
+/// array's `data` pointer), or None if it exports no buffer. Several times
+/// cheaper than `__array_interface__`, which builds a dict on every call:
+/// this is on the path of every array sent.
+#[pyfunction]
+fn data_address(obj: &Bound<'_, PyAny>) -> Option<usize> {
+    let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::zeroed();
+    // SAFETY: `view` is writable storage for one Py_buffer; on success it is
+    // filled and released below exactly once, on failure it is untouched and
+    // the error the exporter set is cleared.
+    unsafe {
+        if ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_STRIDED_RO) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let addr = (*view.as_ptr()).buf as usize;
+        ffi::PyBuffer_Release(view.as_mut_ptr());
+        Some(addr)
+    }
+}
+
+/// Blocks at least this many bytes are populated ahead of use when received.
+#[pyfunction]
+fn populate_min() -> usize {
+    arena::POPULATE_MIN
 }
 
 /// Sets the arena's byte limit (None: no limit but the file system's).
@@ -383,6 +425,12 @@ fn set_limit(limit: Option<u64>) -> PyResult<()> {
     home()?
         .set_limit(limit.unwrap_or(u64::MAX))
         .map_err(to_pyerr)
+}
+
+/// Sets how many idle free bytes the arena keeps committed for reuse.
+#[pyfunction]
+fn set_retain(nbytes: u64) -> PyResult<()> {
+    home()?.set_retain(nbytes).map_err(to_pyerr)
 }
 
 /// Releases what dead processes held; True if any were found.
@@ -441,6 +489,8 @@ fn list_arenas(py: Python<'_>, dir: Option<PathBuf>) -> PyResult<Vec<Bound<'_, P
 /// `os.register_at_fork(before=...)`: reserve child slots in every arena.
 #[pyfunction]
 fn before_fork() {
+    // No decay pass may be half-done at the instant of the fork.
+    memshare::arena::pause_for_fork();
     for a in Arena::all_attached() {
         // Failure (e.g. no free slot) leaves the child detached, never broken.
         let _ = a.prepare_fork();
@@ -452,6 +502,7 @@ fn after_fork_parent() {
     for a in Arena::all_attached() {
         a.after_fork_parent();
     }
+    memshare::arena::resume_after_fork();
 }
 
 #[pyfunction]
@@ -459,6 +510,7 @@ fn after_fork_child() {
     for a in Arena::all_attached() {
         a.after_fork_child();
     }
+    memshare::arena::resume_after_fork();
 }
 
 /// Detaches from every arena (at interpreter exit).
@@ -488,7 +540,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_array, m)?)?;
     m.add_function(wrap_pyfunction!(find, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
+    m.add_function(wrap_pyfunction!(populate_idle, m)?)?;
+    m.add_function(wrap_pyfunction!(populate_min, m)?)?;
+    m.add_function(wrap_pyfunction!(data_address, m)?)?;
     m.add_function(wrap_pyfunction!(set_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(set_retain, m)?)?;
     m.add_function(wrap_pyfunction!(reap, m)?)?;
     m.add_function(wrap_pyfunction!(arena_token, m)?)?;
     m.add_function(wrap_pyfunction!(shm_dir, m)?)?;

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from distributed.cfexecutor import ClientExecutor
 
-from ._args import Scatterer
+from ._args import Scatterer, call_unwrapped
 
 __all__ = ["Executor"]
 
@@ -32,7 +33,7 @@ class Executor(ClientExecutor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         scatter = Scatterer(self._client, self._share_threshold)
-        future = super().submit(fn, *scatter.replace(args), **scatter.replace(kwargs))
+        future = super().submit(call_unwrapped, fn, scatter.replace(args), scatter.replace(kwargs))
         # The task holds the scattered data from now on.
         scatter.release()
         return future
@@ -42,6 +43,10 @@ class Executor(ClientExecutor):
         arguments repeated across calls are scattered once."""
         scatter = Scatterer(self._client, self._share_threshold)
         columns = [[scatter.replace(x) for x in it] for it in iterables]
-        results = super().map(fn, *columns, **kwargs)
+        results = super().map(functools.partial(_star_unwrapped, fn), *columns, **kwargs)
         scatter.release()
         return results
+
+
+def _star_unwrapped(fn, *args):
+    return call_unwrapped(fn, args, {})

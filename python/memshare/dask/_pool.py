@@ -20,7 +20,7 @@ from typing import Any
 
 import distributed
 
-from ._args import Scatterer
+from ._args import Scatterer, call_unwrapped, unwrap
 
 __all__ = ["AsyncResult", "Pool"]
 
@@ -28,11 +28,11 @@ _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 
 def _map_batch(func: Callable, items: list) -> list:
-    return [func(x) for x in items]
+    return [func(x) for x in unwrap(items)]
 
 
 def _star_batch(func: Callable, items: list) -> list:
-    return [func(*x) for x in items]
+    return [func(*x) for x in unwrap(items)]
 
 
 class AsyncResult:
@@ -199,7 +199,7 @@ class Pool:
         self._check_running()
         scatter = Scatterer(self._client, self._threshold)
         future = self._submit(
-            _call, func, scatter.replace(tuple(args)), scatter.replace(dict(kwds))
+            call_unwrapped, func, scatter.replace(tuple(args)), scatter.replace(dict(kwds))
         )
         scatter.release()
         return self._async(lambda: self._result(future), callback, error_callback)
@@ -344,7 +344,3 @@ class _ResultIterator:
             self.close()
         except Exception:
             pass
-
-
-def _call(func: Callable, args: tuple, kwds: dict) -> Any:
-    return func(*args, **kwds)

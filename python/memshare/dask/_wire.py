@@ -154,6 +154,10 @@ def _nbytes(obj: Any) -> int:
     if isinstance(obj, np.ndarray):
         return obj.nbytes
     try:
+        blocks = getattr(getattr(obj, "_mgr", None), "blocks", None)  # pandas DataFrame
+        if blocks is not None:
+            # memory_usage() builds a Series per column: seconds for a wide frame.
+            return sum(int(b.values.nbytes) for b in blocks) + int(obj.index.nbytes)
         size = getattr(obj, "estimated_size", None)  # polars
         if size is not None:
             return int(size())
@@ -224,7 +228,31 @@ def _install_package(package: str) -> None:
         _wrap(cls)
 
 
+def _register_argument() -> None:
+    """A scattered Pool/Executor argument: by handle like its object, else pickled."""
+    from ._args import SharedArgument
+
+    def dumps(arg: SharedArgument, context: dict | None = None) -> tuple[dict, list]:
+        threshold = _state["threshold"]
+        if (
+            threshold is not None
+            and arg.nbytes >= threshold
+            and same_memory(context)
+            and not (isinstance(arg.obj, np.ndarray) and arg.obj.dtype.hasobject)
+        ):
+            frame = _serialize.dumps(arg.obj, _lease(context))
+            return {_HEADER_KEY: 1, "nbytes": arg.nbytes}, [frame]
+        raise NotImplementedError  # pickled by Dask (protocol 5)
+
+    def loads(header: dict, frames: list) -> SharedArgument:
+        return SharedArgument(_serialize.loads(frames[0]), header["nbytes"])
+
+    dask_serialize.register(SharedArgument)(dumps)
+    dask_deserialize.register(SharedArgument)(loads)
+
+
 def _register_serializers() -> None:
+    _register_argument()
     _wrap(np.ndarray)
     for package in ("pandas", "pyarrow", "polars"):
         if package in sys.modules:

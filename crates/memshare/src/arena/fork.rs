@@ -48,6 +48,7 @@ impl Arena {
 
     /// Call in the child after `fork()`: switch to the reserved slot.
     pub fn after_fork_child(&self) {
+        super::txn::reset_lock_acquisitions();
         let mut local = lock_local(&self.inner.local);
         if let Some(f) = local.fork.take() {
             local.fd = f.fd;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::block::Block;
@@ -18,6 +19,17 @@ pub(super) struct LocalRef {
     pub(super) size: u64,
     pub(super) count: usize,
     pub(super) readonly: bool,
+    /// Stops the background populating of this block (see `prefault`) when
+    /// this process drops its last reference.
+    pub(super) prefault: Option<Arc<AtomicBool>>,
+}
+
+impl Drop for LocalRef {
+    fn drop(&mut self) {
+        if let Some(cancel) = &self.prefault {
+            cancel.store(true, Ordering::Release);
+        }
+    }
 }
 
 pub(super) struct Local {
@@ -25,6 +37,9 @@ pub(super) struct Local {
     pub(super) slot: u32,
     pub(super) epoch: u32,
     pub(super) segments: Vec<Option<Arc<Mapping>>>,
+    /// Memory-backed segments this process holds open (others open them
+    /// through these descriptors).
+    pub(super) memfds: HashMap<u32, OwnedFd>,
     /// Blocks this process references, keyed by payload address.
     pub(super) refs: BTreeMap<usize, LocalRef>,
     pub(super) by_ref: HashMap<BlockRef, usize>,
@@ -40,6 +55,7 @@ impl Local {
             slot: u32::MAX,
             epoch: 0,
             segments: Vec::new(),
+            memfds: HashMap::new(),
             refs: BTreeMap::new(),
             by_ref: HashMap::new(),
             detached: false,

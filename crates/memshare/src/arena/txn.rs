@@ -1,14 +1,45 @@
 //! The metadata of an arena while its robust mutex is held: the control
 //! header, and the block headers of the segments this process maps.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::naming::seg_path;
 use super::{Inner, Local};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::layout::*;
 use crate::sys::{self, LockState, Mapping, RobustMutex};
+
+/// Arena-mutex acquisitions made by this process (every arena, since the
+/// process started or forked): the figure that says how much the hot paths
+/// rely on the one shared lock. Per process, so it needs no layout change and
+/// costs one uncontended atomic add per transaction.
+static LOCK_ACQUISITIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Acquisitions made only to read the figures (`Arena::stats`), left out of
+/// the count so that watching it does not change it.
+static STATS_READS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process has taken an arena's mutex (see
+/// [`LOCK_ACQUISITIONS`]), leaving out reads of the figures themselves and
+/// `memshare ls`.
+pub fn lock_acquisitions() -> u64 {
+    let reads = STATS_READS.load(Ordering::Relaxed);
+    LOCK_ACQUISITIONS
+        .load(Ordering::Relaxed)
+        .saturating_sub(reads)
+}
+
+/// The next acquisition only reads the figures.
+pub(super) fn uncount_lock() {
+    STATS_READS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Restarts the count (in a forked child, which inherits its parent's).
+pub(super) fn reset_lock_acquisitions() {
+    LOCK_ACQUISITIONS.store(0, Ordering::Relaxed);
+    STATS_READS.store(0, Ordering::Relaxed);
+}
 
 /// The metadata of an arena while its mutex is held.
 pub(super) struct Txn<'a> {
@@ -31,12 +62,33 @@ impl Inner {
 
     /// Locks the shared mutex; repairs the metadata first if a holder died.
     pub(super) fn txn<'a>(&'a self, local: &'a mut Local) -> Result<Txn<'a>> {
+        self.txn_with(local, true)
+            .map(|t| t.expect("a blocking lock always returns"))
+    }
+
+    /// As [`Inner::txn`], but None at once if another thread holds the mutex.
+    pub(super) fn try_txn<'a>(&'a self, local: &'a mut Local) -> Result<Option<Txn<'a>>> {
+        self.txn_with(local, false)
+    }
+
+    fn txn_with<'a>(&'a self, local: &'a mut Local, wait: bool) -> Result<Option<Txn<'a>>> {
         let ctl_ptr = self.ctl_ptr();
         // SAFETY: the control mapping is at least CTL_SIZE bytes (checked on
         // attach) and the mutex field lies inside it, 64-byte aligned.
         let mutex =
             unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
-        let state = mutex.lock()?;
+        let state = if wait {
+            mutex.lock()?
+        } else {
+            match mutex.try_lock()? {
+                Some(state) => state,
+                None => return Ok(None),
+            }
+        };
+        if wait {
+            // The decay thread's try-locks are not the hot paths' doing.
+            LOCK_ACQUISITIONS.fetch_add(1, Ordering::Relaxed);
+        }
         // SAFETY: we now hold the arena mutex, which every process takes before
         // touching the control header, so this is the only live reference to it.
         let ctl = unsafe { &mut *ctl_ptr };
@@ -52,7 +104,7 @@ impl Inner {
         if state == LockState::OwnerDied {
             txn.repair()?;
         }
-        Ok(txn)
+        Ok(Some(txn))
     }
 }
 
@@ -68,13 +120,12 @@ impl<'a> Txn<'a> {
         if let Some(Some(m)) = self.local.segments.get(idx) {
             return Ok(m.ptr());
         }
-        let path = seg_path(&self.inner.dir, &self.inner.token, seg);
         let expected = self.ctl.segments[idx].size;
-        let fd = sys::open_file(&path)?;
+        let fd = self.open_segment(seg)?;
         let size = sys::fstat(&fd)?.size;
         if size != expected || size < SEG_HEADER + BLOCK_HEADER {
             return Err(Error::Corrupt {
-                path: path.display().to_string(),
+                path: self.seg_label(seg),
                 why: format!("size {size}, expected {expected}"),
             });
         }
@@ -88,7 +139,7 @@ impl<'a> Txn<'a> {
             || hdr.size != size
         {
             return Err(Error::Corrupt {
-                path: path.display().to_string(),
+                path: self.seg_label(seg),
                 why: "bad segment header".into(),
             });
         }
@@ -137,6 +188,7 @@ impl super::Local {
         if self.segments.len() <= idx {
             self.segments.resize_with(idx + 1, || None);
         }
+        super::prefault::advise_segment(&map);
         self.segments[idx] = Some(Arc::new(map));
     }
 }

@@ -1,0 +1,132 @@
+"""What the speed-ups add: the arena-lock counter, page tables populated ahead
+of use (MEMSHARE_POPULATE=1), and the huge-page advice with its fallback
+(MEMSHARE_HUGEPAGES). Children are spawned so that they read the switches."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import memshare as ms
+from memshare import _native
+
+SPAWN = mp.get_context("spawn")
+BIG = 64 << 20  # above the populating threshold
+TIMEOUT = 600
+
+
+def test_lock_acquisitions_count_each_transaction():
+    a = ms.empty(16)  # the arena exists and is mapped
+    del a
+    gc.disable()
+    try:
+        before = ms.stats()["lock_acquisitions"]
+        a = ms.empty(1024)  # one transaction: the allocation
+        del a  # one more: the free
+        after = ms.stats()["lock_acquisitions"]
+    finally:
+        gc.enable()
+    assert after - before == 2
+    assert ms.stats()["lock_acquisitions"] == after  # reading the figure takes no count
+
+
+def _present_pages(arr: np.ndarray) -> tuple[int, int]:
+    """(pages of ``arr`` whose page-table entry is present, pages of ``arr``)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = np.lib.array_utils.byte_bounds(arr)
+    first, last = lo // page, (hi - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        raw = f.read((last - first + 1) * 8)
+    entries = struct.unpack(f"{len(raw) // 8}Q", raw)
+    return sum(e >> 63 for e in entries), len(entries)
+
+
+def _receive_and_report(q, back, wait: bool) -> None:
+    a = q.get(timeout=TIMEOUT)
+    if not wait:
+        del a  # dropped at once: the populating stops or finds the block gone
+        idle = _native.populate_idle(TIMEOUT)
+        b = ms.zeros(1 << 20)  # the arena still works
+        back.put((idle, float(b.sum()), None, None, ms.stats()["populated_bytes"]))
+        return
+    idle = _native.populate_idle(TIMEOUT)
+    present, pages = _present_pages(a)
+    back.put((idle, float(a[:: 1 << 16].sum()), present, pages, ms.stats()["populated_bytes"]))
+
+
+def _run_receiver(monkeypatch, wait: bool, populate: str):
+    monkeypatch.setenv("MEMSHARE_POPULATE", populate)
+    q, back = ms.Queue(2), ms.Queue(2)
+    p = SPAWN.Process(target=_receive_and_report, args=(q, back, wait))
+    p.start()
+    try:
+        a = ms.full(BIG // 8, 2.0)
+        q.put(a, timeout=TIMEOUT)
+        if not wait:
+            del a  # the receiver holds the last reference
+        result = back.get(timeout=TIMEOUT)
+    finally:
+        p.join(TIMEOUT)
+        if p.is_alive():
+            p.kill()
+            p.join(TIMEOUT)
+    assert p.exitcode == 0
+    return result
+
+
+def test_received_block_has_its_page_tables_filled_ahead_of_use(monkeypatch):
+    idle, total, present, pages, populated = _run_receiver(monkeypatch, True, "1")
+    assert idle
+    assert total == 2.0 * len(range(0, BIG // 8, 1 << 16))
+    # every page was mapped by the background thread (the strided sum above
+    # ran after the check and touches one page in 128)
+    assert present == pages
+    assert populated >= BIG
+
+
+def test_populating_off_by_default_leaves_page_tables_to_the_reader(monkeypatch):
+    idle, total, present, pages, populated = _run_receiver(monkeypatch, True, "")
+    assert idle
+    assert total == 2.0 * len(range(0, BIG // 8, 1 << 16))
+    assert populated == 0
+    assert present < pages  # nothing touched but the header page (if any)
+
+
+def test_block_freed_while_being_populated(monkeypatch):
+    # The receiver drops the only reference right after get: the block is
+    # freed (by its process) while the thread may still be populating it.
+    idle, total, _, _, populated = _run_receiver(monkeypatch, False, "1")
+    assert idle
+    assert total == 0.0
+    assert populated <= BIG + (8 << 20)  # stopped at the block's end at the latest
+
+
+def _huge_page_child(back) -> None:
+    a = ms.full(BIG // 8, 3.0)
+    back.put((float(a[::4096].sum()), len(a[::4096])))
+
+
+@pytest.mark.parametrize("policy", ["auto", "never"])
+def test_huge_page_advice_falls_back_to_small_pages(monkeypatch, policy):
+    # On a tmpfs that gives no huge pages (/dev/shm with shmem_enabled
+    # "never", as on the test machines) the advice must change nothing but
+    # the page size: allocation, writes and reads work as before.
+    monkeypatch.setenv("MEMSHARE_HUGEPAGES", policy)
+    back = ms.Queue(2)
+    p = SPAWN.Process(target=_huge_page_child, args=(back,))
+    p.start()
+    try:
+        total, n = back.get(timeout=TIMEOUT)
+    finally:
+        p.join(TIMEOUT)
+        if p.is_alive():
+            p.kill()
+            p.join(TIMEOUT)
+    assert p.exitcode == 0
+    assert total == 3.0 * n
