@@ -60,6 +60,7 @@ __all__ = [
     "is_shared",
     "reap",
     "set_limit",
+    "set_retain",
     "share",
     "stats",
     "zeros",
@@ -71,7 +72,10 @@ def stats() -> dict:
     """Usage of this process tree's arena, counting the blocks of every process.
 
     Returns a dict with ``bytes_reserved`` (shared memory taken from the
-    system), ``bytes_in_use`` (held by live objects), ``live_blocks``,
+    system: live objects, headers and the warm cache), ``bytes_in_use`` (held
+    by live objects), ``bytes_segments`` (size of the segments, pages given
+    back included), ``memfd_segments`` (memory-backed segments, used when the
+    shm directory is full), ``retain`` (see :func:`set_retain`), ``live_blocks``,
     ``segments``, ``pins`` (handles sent but not yet received), ``processes``
     attached, and ``limit`` (None if unlimited). Two figures are this
     process's own, counted since it started (or forked):
@@ -93,6 +97,18 @@ def set_limit(nbytes: int | None) -> None:
     ``MemoryError``).
     """
     _native.set_limit(nbytes)
+
+
+def set_retain(nbytes: int) -> None:
+    """Sets the arena's warm cache: idle free bytes kept for reuse (all processes).
+
+    Freed shared memory stays committed for a few seconds, so bursts of
+    allocations reuse warm pages; after that, free space beyond ``nbytes``
+    goes back to the OS by itself (a background thread; no call needed).
+    The environment variable ``MEMSHARE_RETAIN`` (e.g. ``64M``) sets it at
+    start; the default is 16 MiB.
+    """
+    _native.set_retain(nbytes)
 
 
 def reap() -> bool:

@@ -354,6 +354,9 @@ fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, P
     let d = PyDict::new(py);
     d.set_item("bytes_reserved", s.bytes_reserved)?;
     d.set_item("bytes_in_use", s.bytes_in_use)?;
+    d.set_item("bytes_segments", s.bytes_segments)?;
+    d.set_item("memfd_segments", s.memfd_segments)?;
+    d.set_item("retain", s.retain)?;
     d.set_item("live_blocks", s.live_blocks)?;
     d.set_item("segments", s.segments)?;
     d.set_item("pins", s.pins)?;
@@ -424,6 +427,12 @@ fn set_limit(limit: Option<u64>) -> PyResult<()> {
         .map_err(to_pyerr)
 }
 
+/// Sets how many idle free bytes the arena keeps committed for reuse.
+#[pyfunction]
+fn set_retain(nbytes: u64) -> PyResult<()> {
+    home()?.set_retain(nbytes).map_err(to_pyerr)
+}
+
 /// Releases what dead processes held; True if any were found.
 #[pyfunction]
 fn reap(py: Python<'_>) -> PyResult<bool> {
@@ -480,6 +489,8 @@ fn list_arenas(py: Python<'_>, dir: Option<PathBuf>) -> PyResult<Vec<Bound<'_, P
 /// `os.register_at_fork(before=...)`: reserve child slots in every arena.
 #[pyfunction]
 fn before_fork() {
+    // No decay pass may be half-done at the instant of the fork.
+    memshare::arena::pause_for_fork();
     for a in Arena::all_attached() {
         // Failure (e.g. no free slot) leaves the child detached, never broken.
         let _ = a.prepare_fork();
@@ -491,6 +502,7 @@ fn after_fork_parent() {
     for a in Arena::all_attached() {
         a.after_fork_parent();
     }
+    memshare::arena::resume_after_fork();
 }
 
 #[pyfunction]
@@ -498,6 +510,7 @@ fn after_fork_child() {
     for a in Arena::all_attached() {
         a.after_fork_child();
     }
+    memshare::arena::resume_after_fork();
 }
 
 /// Detaches from every arena (at interpreter exit).
@@ -531,6 +544,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(populate_min, m)?)?;
     m.add_function(wrap_pyfunction!(data_address, m)?)?;
     m.add_function(wrap_pyfunction!(set_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(set_retain, m)?)?;
     m.add_function(wrap_pyfunction!(reap, m)?)?;
     m.add_function(wrap_pyfunction!(arena_token, m)?)?;
     m.add_function(wrap_pyfunction!(shm_dir, m)?)?;

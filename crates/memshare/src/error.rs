@@ -67,15 +67,22 @@ pub enum Error {
     #[error("memshare: {path} exists already")]
     Exists { path: String },
 
-    /// Memory-backed segments could not be reserved: the machine (or the
-    /// container's memory limit) has no room.
+    /// Neither the shm directory nor memory-backed segments have room: the
+    /// machine (or the container's memory limit) is out of memory.
     #[error(
-        "memshare: cannot reserve {} of memory for shared segments: the shared memory directory \
-         is full and the system (or this container's memory limit) has no memory left; free \
-         shared objects you no longer need, or give the container more memory",
-        human(*requested)
+        "memshare: cannot reserve {} of shared memory: {dir} has {} free of {} and the system \
+         (or this container's memory limit) has only {} available for memory-backed segments; \
+         free shared objects you no longer need, give the machine or container more memory, or \
+         enlarge {dir} (e.g. docker run --shm-size=8g)",
+        human(*requested), human(*dir_available), human(*dir_total), human(*available)
     )]
-    NoMemory { requested: u64 },
+    NoMemory {
+        dir: String,
+        requested: u64,
+        available: u64,
+        dir_available: u64,
+        dir_total: u64,
+    },
 
     /// A segment named by a handle does not exist (any more).
     #[error("memshare: shared memory segment {path} does not exist; the data was freed because every process that held it exited")]

@@ -4,7 +4,7 @@
 //! refuses anything it does not understand.
 //!
 //! ```text
-//! control segment  memshare-<token>           data segment  memshare-<token>-<n>
+//! control segment  memshare-<token>           data segment  memshare-<token>-<n>-<random>
 //! +---------------------------+               +---------------------------+
 //! | CtlHeader: magic, version |               | SegHeader (128 B)         |
 //! |  token, mac key, mutex    |               +---------------------------+
@@ -20,7 +20,7 @@ use crate::sys::MUTEX_BYTES;
 pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"MSHRCTL\0");
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"MSHRSEG\0");
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"MSBK");
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Payloads are aligned to a cache line (and to every numpy dtype).
 pub const ALIGN: u64 = 64;
@@ -46,6 +46,9 @@ pub const SLOT_ALIVE: u32 = 1;
 pub const BLOCK_READONLY: u32 = 1;
 /// The block owns pins of other blocks (drop them when it is freed).
 pub const BLOCK_OWNS_PINS: u32 = 2;
+/// A free block some of whose pages were given back to the OS (punched):
+/// reserve its range again before use.
+pub const BLOCK_HOLES: u32 = 4;
 /// `pin_slot` value in a handle whose pin is owned by a block.
 pub const OWNED_PIN_SLOT: u32 = 0xffff;
 
@@ -86,11 +89,39 @@ impl BlockRef {
 #[repr(C, align(64))]
 pub struct MutexStorage(pub [u8; MUTEX_BYTES]);
 
+/// A segment that is a file in the shm directory.
+pub const SEG_FILE: u32 = 0;
+/// A memory-backed segment (memfd) with no name: other processes open it
+/// through a process that holds it (`/proc/<pid>/fd/<fd>`).
+pub const SEG_MEMFD: u32 = 1;
+/// Processes recorded as holders of a memory-backed segment.
+pub const SEG_HOLDERS: usize = 6;
+
+/// A process that holds a memory-backed segment open as descriptor `fd`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct SegHolder {
+    pub pid: u32,
+    pub fd: u32,
+}
+
 #[repr(C)]
 pub struct SegmentEntry {
-    /// Bytes of the segment file, 0 if the entry is unused.
+    /// Bytes of the segment, 0 if the entry is unused.
     pub size: u64,
-    pub _reserved: u64,
+    /// The random part of the segment file's name, chosen when it is made
+    /// (nobody can take the name first, as they could a counter's).
+    pub name: u64,
+    /// Bytes of backing store the segment holds now (reserved and not
+    /// punched), as the kernel counts them.
+    pub committed: u64,
+    /// `SEG_FILE` or `SEG_MEMFD`.
+    pub kind: u32,
+    pub _pad: u32,
+    /// Identity of a memory-backed segment, checked when it is opened.
+    pub dev: u64,
+    pub ino: u64,
+    pub holders: [SegHolder; SEG_HOLDERS],
 }
 
 #[repr(C)]
@@ -136,6 +167,16 @@ pub struct CtlHeader {
     pub segment_count: u32,
     pub pin_cursor: u32,
     pub pins_in_use: u64,
+    /// Bytes of backing store all segments hold (the sum of `committed`).
+    pub bytes_committed: u64,
+    /// Idle free space kept committed for reuse (the warm cache).
+    pub retain: u64,
+    /// Blocks freed so far, and the count at the last decay pass: the decay
+    /// threads (one per process) skip an arena that freed nothing since the
+    /// last pass of any of them, unless that pass left work for later.
+    pub frees: u64,
+    pub decayed_frees: u64,
+    pub decay_pending: u64,
     pub bins: [BlockRef; NBINS],
     pub segments: [SegmentEntry; MAX_SEGMENTS],
     pub slots: [ProcSlot; MAX_PROCS],
@@ -175,10 +216,15 @@ pub struct BlockHeader {
     pub free_prev: BlockRef,
     /// Bit `i` set: process slot `i` holds at least one reference.
     pub holders: [u64; HOLDER_WORDS],
+    /// While FREE: payload bytes (about) still committed, i.e. not punched.
+    pub dirty: u64,
+    /// While FREE: when the block was last freed or merged (monotonic ns).
+    pub freed_ns: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<SegHeader>() as u64 == SEG_HEADER);
 const _: () = assert!(std::mem::size_of::<BlockHeader>() as u64 <= BLOCK_HEADER);
+const _: () = assert!(std::mem::size_of::<SegmentEntry>() == 96);
 const _: () = assert!(BLOCK_HEADER % ALIGN == 0 && SEG_HEADER % ALIGN == 0);
 
 /// Rounds a requested length up to a payload size.

@@ -212,9 +212,13 @@ pub fn create_memfd(size: u64) -> Result<OwnedFd> {
     })?;
     match rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, size) {
         Ok(()) => Ok(fd),
-        Err(Errno::NOSPC) | Err(Errno::NOMEM) | Err(Errno::FBIG) => {
-            Err(Error::NoMemory { requested: size })
-        }
+        Err(Errno::NOSPC) | Err(Errno::NOMEM) | Err(Errno::FBIG) => Err(Error::NoMemory {
+            dir: String::new(),
+            requested: size,
+            available: 0,
+            dir_available: 0,
+            dir_total: 0,
+        }),
         Err(e) => Err(Error::Io {
             context: format!("reserving a memory-backed segment of {size} bytes"),
             source: os_error(e),
@@ -228,10 +232,25 @@ pub fn create_memfd(size: u64) -> Result<OwnedFd> {
 pub fn open_held(pid: u32, fd: u32, dev: u64, ino: u64) -> Option<OwnedFd> {
     let path = format!("/proc/{pid}/fd/{fd}");
     // /proc/<pid>/fd entries are symbolic links by design: follow this one,
-    // then check that it is the file we were told about.
+    // but open only the file we were told about (stat first: opening some
+    // other kind of file, a terminal say, could have effects), and check
+    // again on the opened file.
+    let st = rustix::fs::stat(path.as_str()).ok()?;
+    if st.st_dev as u64 != dev || st.st_ino as u64 != ino {
+        return None;
+    }
     let f = rustix::fs::open(path.as_str(), OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).ok()?;
     let st = fstat(&f).ok()?;
     (st.dev == dev && st.ino == ino && st.uid == uid()).then_some(f)
+}
+
+/// Finds, among the open descriptors of process `pid`, the file `(dev, ino)`
+/// and opens it (see [`open_held`]).
+pub fn find_held(pid: u32, dev: u64, ino: u64) -> Option<OwnedFd> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find_map(|fd| open_held(pid, fd, dev, ino))
 }
 
 /// The current user id.
@@ -507,6 +526,25 @@ impl RobustMutex {
         }
     }
 
+    /// Takes the mutex if it is free; None if another thread holds it.
+    pub fn try_lock(&self) -> Result<Option<LockState>> {
+        // SAFETY: `self.ptr` points to an initialised process-shared mutex.
+        let rc = unsafe { libc::pthread_mutex_trylock(self.ptr) };
+        match rc {
+            0 => Ok(Some(LockState::Clean)),
+            libc::EBUSY => Ok(None),
+            libc::EOWNERDEAD => {
+                // SAFETY: as in `lock`: EOWNERDEAD grants the mutex.
+                unsafe { libc::pthread_mutex_consistent(self.ptr) };
+                Ok(Some(LockState::OwnerDied))
+            }
+            _ => Err(Error::Io {
+                context: "locking the arena mutex".into(),
+                source: io::Error::from_raw_os_error(rc),
+            }),
+        }
+    }
+
     pub fn unlock(&self) {
         // SAFETY: only called by the thread that holds the lock (see `ArenaLock`).
         unsafe { libc::pthread_mutex_unlock(self.ptr) };
@@ -543,4 +581,39 @@ pub fn page_size() -> usize {
 pub fn monotonic_ns() -> u64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Bytes of memory this process could still take: the kernel's
+/// `MemAvailable`, and the room left under this cgroup's memory limit (a
+/// container's), whichever is smaller. `u64::MAX` if neither can be read.
+pub fn memory_available() -> u64 {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let mut avail = read("/proc/meminfo")
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(u64::MAX);
+    // The memory cgroup: v2 ("0::/path") or v1 ("N:memory:/path").
+    let groups = read("/proc/self/cgroup").unwrap_or_default();
+    for line in groups.lines() {
+        let (max, cur) = if let Some(g) = line.strip_prefix("0::") {
+            let dir = format!("/sys/fs/cgroup{}", g.trim_end_matches('/'));
+            (format!("{dir}/memory.max"), format!("{dir}/memory.current"))
+        } else if let Some((_, g)) = line.split_once(":memory:") {
+            let dir = format!("/sys/fs/cgroup/memory{}", g.trim_end_matches('/'));
+            (
+                format!("{dir}/memory.limit_in_bytes"),
+                format!("{dir}/memory.usage_in_bytes"),
+            )
+        } else {
+            continue;
+        };
+        let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
+        if let (Some(max), Some(cur)) = (num(&max), num(&cur)) {
+            avail = avail.min(max.saturating_sub(cur));
+        }
+    }
+    avail
 }

@@ -14,7 +14,16 @@ use crate::sys::{self, RobustMutex};
 /// Usage figures of an arena, counting the blocks of every attached process.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Memory the arena holds: the backing store its segments have
+    /// committed (live blocks, headers and the warm free pages not yet given
+    /// back to the OS).
     pub bytes_reserved: u64,
+    /// Total size of the segments (address space; punched pages included).
+    pub bytes_segments: u64,
+    /// Segments that are memory-backed (memfd) rather than files.
+    pub memfd_segments: u64,
+    /// Idle free bytes kept committed for reuse (the warm cache).
+    pub retain: u64,
     pub bytes_in_use: u64,
     pub live_blocks: u64,
     pub segments: u64,
@@ -26,7 +35,13 @@ pub struct Stats {
 impl Stats {
     fn of(ctl: &CtlHeader) -> Stats {
         Stats {
-            bytes_reserved: ctl.bytes_reserved,
+            bytes_reserved: ctl.bytes_committed,
+            bytes_segments: ctl.bytes_reserved,
+            memfd_segments: ctl.segments[..ctl.segment_count as usize]
+                .iter()
+                .filter(|e| e.kind == SEG_MEMFD)
+                .count() as u64,
+            retain: ctl.retain,
             bytes_in_use: ctl.bytes_in_use,
             live_blocks: ctl.live_blocks,
             segments: ctl.segment_count as u64,
@@ -56,6 +71,17 @@ impl Arena {
     pub fn set_limit(&self, limit: u64) -> Result<()> {
         self.with_txn(|txn| {
             txn.ctl.limit = if limit == 0 { u64::MAX } else { limit };
+            Ok(())
+        })
+    }
+
+    /// Sets how many idle free bytes the arena keeps committed for reuse
+    /// (for every attached process); the rest goes back to the OS once idle
+    /// for a few seconds.
+    pub fn set_retain(&self, retain: u64) -> Result<()> {
+        self.with_txn(|txn| {
+            txn.ctl.retain = retain;
+            txn.ctl.frees += 1; // wake the decay of a lowered cache
             Ok(())
         })
     }

@@ -1,7 +1,6 @@
 //! `Block`, one counted reference of this process to a block of shared
 //! memory, and `PrivateView`, a copy-on-write view of one.
 
-use super::naming::seg_path;
 use super::Arena;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
@@ -172,12 +171,8 @@ impl Block {
     /// A copy-on-write view of this block (the semantics of a private copy,
     /// at the cost of copying only the pages that are written).
     pub fn copy_on_write(&self) -> Result<PrivateView> {
-        let path = seg_path(
-            &self.arena.inner.dir,
-            &self.arena.inner.token,
-            self.bref.segment(),
-        );
-        let fd = sys::open_file(&path)?;
+        let seg = self.bref.segment();
+        let fd = self.arena.with_txn(|txn| txn.open_segment(seg))?;
         let page = sys::page_size() as u64;
         let payload = self.bref.payload_offset();
         let start = payload / page * page;

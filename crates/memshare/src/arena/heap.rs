@@ -2,19 +2,32 @@
 //! best-fit allocation with splitting, merging of free neighbours, and
 //! growth by new segments.
 //!
+//! Growth: small requests share segments that grow geometrically (an eighth
+//! of what the arena holds, 16 to 128 MiB); a request of more than an eighth
+//! of that gets a segment of exactly its size, so large blocks leave no
+//! unusable pieces behind. Under a limit or a full directory, idle free
+//! pages are given back to the OS before the arena grows.
+//!
 //! Headers are written so that a walk of a segment is consistent at every
 //! instant (crash repair relies on it).
 
-use super::naming::seg_path;
 use super::txn::Txn;
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::sys::{self, Mapping};
 
+/// Space the arena may use above its limit for block and segment headers and
+/// page rounding: 1/64 of the limit.
+fn headroom(limit: u64) -> u64 {
+    limit / 64
+}
+
 /// Segments grow geometrically between these sizes (a single larger request
 /// gets a segment of its own size).
 const MIN_SEGMENT: u64 = 16 << 20;
 const MAX_SEGMENT: u64 = 128 << 20;
+/// A request larger than `geometric / DEDICATED_FRACTION` gets a segment of its own.
+const DEDICATED_FRACTION: u64 = 8;
 /// A free block is split when the remainder is at least this large.
 const SPLIT_MIN: u64 = BLOCK_HEADER + 4096;
 /// How often an allocation checks for dead processes.
@@ -66,6 +79,8 @@ impl Txn<'_> {
         h.free_next = BlockRef::NIL;
         h.free_prev = BlockRef::NIL;
         h.holders = [0; HOLDER_WORDS];
+        h.dirty = size;
+        h.freed_ns = sys::monotonic_ns();
         Ok(())
     }
 
@@ -76,8 +91,37 @@ impl Txn<'_> {
         Ok(())
     }
 
-    /// Takes the best-fitting free block of at least `size` bytes out of the bins.
+    /// Takes the best-fitting free block of at least `size` bytes out of the
+    /// bins. A block with punched pages is reserved again first (with the
+    /// header of the tail split off it); if the file system has no room for
+    /// that, it goes back to the bins and only blocks without holes are used.
     fn take_free(&mut self, size: u64) -> Result<Option<BlockRef>> {
+        let mut holes_ok = true;
+        loop {
+            let Some(r) = self.best_fit(size, holes_ok)? else {
+                return Ok(None);
+            };
+            self.bin_remove(r)?;
+            let (total, flags) = {
+                let h = self.hdr(r)?;
+                (h.size, h.flags)
+            };
+            if flags & BLOCK_HOLES != 0 {
+                let end =
+                    (r.payload_offset() + size + BLOCK_HEADER).min(r.payload_offset() + total);
+                let reserved = self.reserve_range(r.segment(), r.offset(), end - r.offset());
+                if reserved.is_err() {
+                    self.bin_insert(r)?;
+                    holes_ok = false;
+                    continue;
+                }
+            }
+            self.split(r, size)?;
+            return Ok(Some(r));
+        }
+    }
+
+    fn best_fit(&mut self, size: u64, holes_ok: bool) -> Result<Option<BlockRef>> {
         for b in bin_of(size)..NBINS {
             let mut cur = self.ctl.bins[b];
             let mut best = BlockRef::NIL;
@@ -85,7 +129,8 @@ impl Txn<'_> {
             let mut seen = 0;
             while !cur.is_nil() && seen < 64 {
                 let h = self.hdr(cur)?;
-                if h.size >= size && h.size < best_size {
+                let usable = holes_ok || h.flags & BLOCK_HOLES == 0;
+                if usable && h.size >= size && h.size < best_size {
                     best = cur;
                     best_size = h.size;
                     if h.size == size {
@@ -96,8 +141,6 @@ impl Txn<'_> {
                 seen += 1;
             }
             if !best.is_nil() {
-                self.bin_remove(best)?;
-                self.split(best, size)?;
                 return Ok(Some(best));
             }
         }
@@ -106,17 +149,51 @@ impl Txn<'_> {
 
     /// Cuts the tail off a block that is larger than needed. The tail header is
     /// written before the head shrinks, so a walk is consistent throughout.
+    /// The tail keeps what is known of its pages: holes, dirt and age.
     fn split(&mut self, r: BlockRef, size: u64) -> Result<()> {
-        let total = self.hdr(r)?.size;
+        let (total, flags, dirty, freed_ns) = {
+            let h = self.hdr(r)?;
+            (h.size, h.flags, h.dirty, h.freed_ns)
+        };
         if total - size < SPLIT_MIN {
             return Ok(());
         }
         let tail = BlockRef::new(r.segment(), r.payload_offset() + size);
         let tail_size = total - size - BLOCK_HEADER;
         self.write_free_header(tail, tail_size, size)?;
+        {
+            let t = self.hdr(tail)?;
+            t.flags = flags & BLOCK_HOLES;
+            t.dirty = dirty.min(tail_size);
+            t.freed_ns = freed_ns;
+        }
         self.set_prev_size_after(tail, tail_size)?;
         self.hdr(r)?.size = size;
         self.bin_insert(tail)
+    }
+
+    /// Gives every committed free page back to the OS, now (the arena is
+    /// short of room under its limit or in its directory).
+    fn purge(&mut self) -> Result<()> {
+        for r in self.free_blocks()? {
+            if self.hdr(r)?.dirty > 0 {
+                self.punch(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every free block, from the bins.
+    pub(super) fn free_blocks(&mut self) -> Result<Vec<BlockRef>> {
+        let mut out = Vec::new();
+        for b in 0..NBINS {
+            let mut cur = self.ctl.bins[b];
+            while !cur.is_nil() {
+                out.push(cur);
+                cur = self.hdr(cur)?.free_next;
+            }
+        }
+        Ok(out)
     }
 
     fn grow(&mut self, size: u64) -> Result<()> {
@@ -124,25 +201,31 @@ impl Txn<'_> {
         if idx as usize >= MAX_SEGMENTS {
             return Err(self.oom(size));
         }
-        let needed = (size + SEG_HEADER + BLOCK_HEADER).div_ceil(4096) * 4096;
+        let page = sys::page_size() as u64;
+        let needed = (size + SEG_HEADER + BLOCK_HEADER).div_ceil(page) * page;
         // Reserved space is real memory on tmpfs: grow by an eighth of what is
-        // reserved (at most MAX_SEGMENT), and give large requests a segment of
-        // exactly their size.
+        // reserved (at most MAX_SEGMENT); a large request gets a segment of
+        // exactly its size.
         let geometric = (self.ctl.bytes_reserved / 8).clamp(MIN_SEGMENT, MAX_SEGMENT);
-        let mut want = needed.max(geometric).div_ceil(2 << 20) * (2 << 20);
-        let room = self.ctl.limit.saturating_sub(self.ctl.bytes_reserved);
+        let mut want = if needed > geometric / DEDICATED_FRACTION {
+            needed
+        } else {
+            geometric.div_ceil(2 << 20) * (2 << 20)
+        };
+        let limit = self.ctl.limit.saturating_add(headroom(self.ctl.limit));
         let (_, avail) = sys::space(&self.inner.dir);
-        if want > room || want > avail {
-            want = needed;
+        if self.ctl.bytes_committed.saturating_add(want) > limit || want > avail {
+            // Short of room: idle free pages go back to the OS first.
+            self.purge()?;
+            let (_, avail) = sys::space(&self.inner.dir);
+            if self.ctl.bytes_committed.saturating_add(want) > limit || want > avail {
+                want = needed;
+            }
         }
-        if want > room {
+        if self.ctl.bytes_committed.saturating_add(want) > limit {
             return Err(self.oom(size));
         }
-        let path = seg_path(&self.inner.dir, &self.inner.token, idx);
-        // A file at this index can only be left over from a process that died
-        // while growing the arena (segment_count was never advanced).
-        sys::unlink(&path);
-        let fd = sys::create_file(&path, want)?;
+        let fd = self.create_segment(idx, want)?;
         let map = Mapping::new(&fd, want as usize)?;
         // SAFETY: the fresh mapping is `want` >= SEG_HEADER bytes, page aligned,
         // and not yet visible to any other process.
@@ -161,6 +244,8 @@ impl Txn<'_> {
         }
         self.local.set_segment(idx as usize, map);
         self.ctl.segments[idx as usize].size = want;
+        self.ctl.segments[idx as usize].committed = 0;
+        self.recount(idx, &fd);
         self.ctl.segment_count = idx + 1;
         self.ctl.bytes_reserved += want;
         let first = BlockRef::new(idx, SEG_HEADER);
@@ -172,7 +257,7 @@ impl Txn<'_> {
         Error::OutOfMemory {
             requested,
             in_use: self.ctl.bytes_in_use,
-            reserved: self.ctl.bytes_reserved,
+            reserved: self.ctl.bytes_committed,
             limit: self.ctl.limit,
         }
     }
@@ -181,7 +266,10 @@ impl Txn<'_> {
     /// reference and generation.
     pub(super) fn alloc(&mut self, len: u64, flags: u32) -> Result<(BlockRef, u64)> {
         let size = payload_size(len);
-        if size > (1 << 47) {
+        // The limit caps the bytes of live blocks (with room for their
+        // rounding to whole pages: a block keeps a remainder too small to split).
+        let limit = self.ctl.limit.saturating_add(headroom(self.ctl.limit));
+        if size > (1 << 47) || self.ctl.bytes_in_use.saturating_add(size) > limit {
             return Err(self.oom(len));
         }
         if sys::monotonic_ns().saturating_sub(self.ctl.last_reap_ns) > REAP_INTERVAL_NS {
@@ -233,10 +321,13 @@ impl Txn<'_> {
             h.generation = 0;
             h.holders = [0; HOLDER_WORDS];
             h.pins = 0;
+            h.dirty = h.size;
+            h.freed_ns = sys::monotonic_ns();
             h.size
         };
         self.ctl.bytes_in_use -= size;
         self.ctl.live_blocks -= 1;
+        self.ctl.frees += 1;
         if let Some(n) = self.next_of(r, size) {
             let (nstate, nsize) = {
                 let nh = self.hdr(n)?;
@@ -245,6 +336,7 @@ impl Txn<'_> {
             if nstate == BLOCK_FREE {
                 self.bin_remove(n)?;
                 let merged = size + BLOCK_HEADER + nsize;
+                self.absorb(r, n)?;
                 self.hdr(r)?.size = merged;
                 self.set_prev_size_after(r, merged)?;
             }
@@ -258,11 +350,28 @@ impl Txn<'_> {
             if self.hdr(p)?.state == BLOCK_FREE {
                 self.bin_remove(p)?;
                 let merged = prev_size + BLOCK_HEADER + size;
+                self.absorb(p, r)?;
                 self.hdr(p)?.size = merged;
                 self.set_prev_size_after(p, merged)?;
                 r = p;
             }
         }
         self.bin_insert(r)
+    }
+
+    /// Merges what is known of free block `b`'s pages into free block `a`,
+    /// which is about to take `b` in: holes, committed bytes (with `b`'s
+    /// header), and the later free time (a merged block is as fresh as its
+    /// freshest part, so a block in use a moment ago stays warm).
+    pub(super) fn absorb(&mut self, a: BlockRef, b: BlockRef) -> Result<()> {
+        let (bflags, bdirty, bfreed) = {
+            let h = self.hdr(b)?;
+            (h.flags, h.dirty, h.freed_ns)
+        };
+        let h = self.hdr(a)?;
+        h.flags |= bflags & BLOCK_HOLES;
+        h.dirty += bdirty + BLOCK_HEADER;
+        h.freed_ns = h.freed_ns.max(bfreed);
+        Ok(())
     }
 }

@@ -37,6 +37,9 @@ pub(super) struct Local {
     pub(super) slot: u32,
     pub(super) epoch: u32,
     pub(super) segments: Vec<Option<Arc<Mapping>>>,
+    /// Memory-backed segments this process holds open (others open them
+    /// through these descriptors).
+    pub(super) memfds: HashMap<u32, OwnedFd>,
     /// Blocks this process references, keyed by payload address.
     pub(super) refs: BTreeMap<usize, LocalRef>,
     pub(super) by_ref: HashMap<BlockRef, usize>,
@@ -52,6 +55,7 @@ impl Local {
             slot: u32::MAX,
             epoch: 0,
             segments: Vec::new(),
+            memfds: HashMap::new(),
             refs: BTreeMap::new(),
             by_ref: HashMap::new(),
             detached: false,

@@ -23,6 +23,7 @@
 
 mod admin;
 mod block;
+mod decay;
 mod fork;
 mod heap;
 mod holders;
@@ -31,6 +32,7 @@ mod naming;
 mod pins;
 mod prefault;
 mod repair;
+mod segments;
 mod slots;
 mod txn;
 
@@ -40,6 +42,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 pub use admin::Stats;
 pub use block::{release_raw, Block, PrivateView};
+pub use decay::{pause_for_fork, resume_after_fork, DECAY_NS};
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
 pub use prefault::{huge_pages, populate_idle, populated_bytes, HugePages, POPULATE_MIN};
 pub use slots::SlotInfo;
@@ -76,12 +79,19 @@ impl Arena {
     /// Creates a new arena in `dir` (normally /dev/shm).
     pub fn create(dir: &Path) -> Result<Arena> {
         let limit = naming::limit_from_env()?;
+        let retain = naming::retain_from_env()?;
+        sys::check_dir(dir)?;
         let mut token = [0u8; 16];
-        sys::random_bytes(&mut token)?;
         let mut mac_key = [0u8; 16];
         sys::random_bytes(&mut mac_key)?;
-        let path = ctl_path(dir, &token);
-        let fd = sys::create_file(&path, CTL_SIZE)?;
+        // A random token names nothing that exists; if it does, take another.
+        let fd = loop {
+            sys::random_bytes(&mut token)?;
+            match sys::create_file(&ctl_path(dir, &token), CTL_SIZE) {
+                Err(Error::Exists { .. }) => continue,
+                r => break r?,
+            }
+        };
         let map = Mapping::new(&fd, CTL_SIZE as usize)?;
         let ctl_ptr = map.ptr() as *mut CtlHeader;
         // SAFETY: fresh zero-filled mapping of CTL_SIZE bytes that no other
@@ -92,6 +102,7 @@ impl Arena {
         ctl.token = token;
         ctl.mac_key = mac_key;
         ctl.limit = limit;
+        ctl.retain = retain;
         ctl.bins = [BlockRef::NIL; NBINS];
         for p in ctl.pins.iter_mut() {
             p.block = BlockRef::NIL;
@@ -120,6 +131,7 @@ impl Arena {
                 }
             }
         }
+        sys::check_dir(dir)?;
         let path = ctl_path(dir, &token);
         let fd = sys::open_file(&path)?;
         let map = Self::map_ctl(&path, &fd)?;
@@ -209,6 +221,7 @@ impl Arena {
 
     /// Allocates `len` bytes. The returned block holds one reference.
     pub fn alloc(&self, len: usize, readonly: bool) -> Result<Block> {
+        decay::ensure_thread();
         let flags = if readonly { BLOCK_READONLY } else { 0 };
         let mut local = lock_local(&self.inner.local);
         if local.detached {

@@ -31,8 +31,10 @@ pub fn ctl_path(dir: &Path, token: &[u8; 16]) -> PathBuf {
     dir.join(format!("memshare-{}", hex(token)))
 }
 
-pub fn seg_path(dir: &Path, token: &[u8; 16], index: u32) -> PathBuf {
-    dir.join(format!("memshare-{}-{index}", hex(token)))
+/// The file of data segment `index`, whose random `name` is recorded in the
+/// control segment: nobody can create it before us, since nobody can guess it.
+pub fn seg_path(dir: &Path, token: &[u8; 16], index: u32, name: u64) -> PathBuf {
+    dir.join(format!("memshare-{}-{index}-{name:016x}", hex(token)))
 }
 
 /// The forms a size setting accepts, for error messages.
@@ -92,6 +94,21 @@ pub fn limit_from_env() -> Result<u64> {
         None => Err(Error::InvalidArgument(format!(
             "MEMSHARE_LIMIT={value:?} is not a size; use {SIZE_FORMS}, or 0 for no limit"
         ))),
+    }
+}
+
+/// Idle free bytes an arena keeps committed when `MEMSHARE_RETAIN` is unset.
+pub const DEFAULT_RETAIN: u64 = 16 << 20;
+
+/// The warm cache set by `MEMSHARE_RETAIN` (default [`DEFAULT_RETAIN`]).
+pub fn retain_from_env() -> Result<u64> {
+    match std::env::var("MEMSHARE_RETAIN") {
+        Err(_) => Ok(DEFAULT_RETAIN),
+        Ok(value) => parse_size(&value).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "MEMSHARE_RETAIN={value:?} is not a size; use {SIZE_FORMS}"
+            ))
+        }),
     }
 }
 

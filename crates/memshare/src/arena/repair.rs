@@ -2,7 +2,6 @@
 //! the mutex (EOWNERDEAD), the survivors rebuild all derived metadata from
 //! the block headers, which are consistent at every instant.
 
-use super::naming::seg_path;
 use super::txn::Txn;
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -51,9 +50,7 @@ impl Txn<'_> {
                 let h = self.hdr(r)?;
                 if h.magic != BLOCK_MAGIC {
                     return Err(Error::Corrupt {
-                        path: seg_path(&self.inner.dir, &self.inner.token, seg)
-                            .display()
-                            .to_string(),
+                        path: self.seg_label(seg),
                         why: "block chain broken".into(),
                     });
                 }
@@ -128,7 +125,11 @@ impl Txn<'_> {
             let mut prev: Option<BlockRef> = None;
             loop {
                 if self.unreferenced(r)? {
-                    self.hdr(r)?.state = BLOCK_FREE;
+                    let h = self.hdr(r)?;
+                    h.state = BLOCK_FREE;
+                    h.flags = 0;
+                    h.dirty = h.size;
+                    h.freed_ns = sys::monotonic_ns();
                 }
                 let prev_size = match prev {
                     Some(p) => self.hdr(p)?.size,
@@ -142,6 +143,7 @@ impl Txn<'_> {
                 let next = self.next_of(r, size);
                 let merged = match prev {
                     Some(p) if state == BLOCK_FREE && self.hdr(p)?.state == BLOCK_FREE => {
+                        self.absorb(p, r)?;
                         self.hdr(p)?.size = prev_size + BLOCK_HEADER + size;
                         true
                     }

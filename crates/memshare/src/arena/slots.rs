@@ -7,7 +7,7 @@
 
 use std::os::fd::OwnedFd;
 
-use super::naming::{ctl_path, seg_path};
+use super::naming::ctl_path;
 use super::txn::Txn;
 use super::{lock_local, Arena, Inner, Local};
 use crate::error::{Error, Result};
@@ -89,9 +89,7 @@ impl Inner {
             // Last one out: nobody holds a slot lock any more.
             if sys::ofd_lock(&txn.local.fd, SLOT_LOCK_BASE, MAX_PROCS as u64, false)? {
                 txn.ctl.magic = 0;
-                for i in 0..txn.ctl.segment_count {
-                    sys::unlink(&seg_path(&self.dir, &self.token, i));
-                }
+                txn.remove_segment_files();
                 sys::unlink(&ctl_path(&self.dir, &self.token));
                 sys::ofd_unlock(&txn.local.fd, SLOT_LOCK_BASE, MAX_PROCS as u64);
             }

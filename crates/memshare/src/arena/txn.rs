@@ -4,7 +4,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::naming::seg_path;
 use super::{Inner, Local};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
@@ -63,13 +62,33 @@ impl Inner {
 
     /// Locks the shared mutex; repairs the metadata first if a holder died.
     pub(super) fn txn<'a>(&'a self, local: &'a mut Local) -> Result<Txn<'a>> {
+        self.txn_with(local, true)
+            .map(|t| t.expect("a blocking lock always returns"))
+    }
+
+    /// As [`Inner::txn`], but None at once if another thread holds the mutex.
+    pub(super) fn try_txn<'a>(&'a self, local: &'a mut Local) -> Result<Option<Txn<'a>>> {
+        self.txn_with(local, false)
+    }
+
+    fn txn_with<'a>(&'a self, local: &'a mut Local, wait: bool) -> Result<Option<Txn<'a>>> {
         let ctl_ptr = self.ctl_ptr();
         // SAFETY: the control mapping is at least CTL_SIZE bytes (checked on
         // attach) and the mutex field lies inside it, 64-byte aligned.
         let mutex =
             unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
-        let state = mutex.lock()?;
-        LOCK_ACQUISITIONS.fetch_add(1, Ordering::Relaxed);
+        let state = if wait {
+            mutex.lock()?
+        } else {
+            match mutex.try_lock()? {
+                Some(state) => state,
+                None => return Ok(None),
+            }
+        };
+        if wait {
+            // The decay thread's try-locks are not the hot paths' doing.
+            LOCK_ACQUISITIONS.fetch_add(1, Ordering::Relaxed);
+        }
         // SAFETY: we now hold the arena mutex, which every process takes before
         // touching the control header, so this is the only live reference to it.
         let ctl = unsafe { &mut *ctl_ptr };
@@ -85,7 +104,7 @@ impl Inner {
         if state == LockState::OwnerDied {
             txn.repair()?;
         }
-        Ok(txn)
+        Ok(Some(txn))
     }
 }
 
@@ -101,13 +120,12 @@ impl<'a> Txn<'a> {
         if let Some(Some(m)) = self.local.segments.get(idx) {
             return Ok(m.ptr());
         }
-        let path = seg_path(&self.inner.dir, &self.inner.token, seg);
         let expected = self.ctl.segments[idx].size;
-        let fd = sys::open_file(&path)?;
+        let fd = self.open_segment(seg)?;
         let size = sys::fstat(&fd)?.size;
         if size != expected || size < SEG_HEADER + BLOCK_HEADER {
             return Err(Error::Corrupt {
-                path: path.display().to_string(),
+                path: self.seg_label(seg),
                 why: format!("size {size}, expected {expected}"),
             });
         }
@@ -121,7 +139,7 @@ impl<'a> Txn<'a> {
             || hdr.size != size
         {
             return Err(Error::Corrupt {
-                path: path.display().to_string(),
+                path: self.seg_label(seg),
                 why: "bad segment header".into(),
             });
         }
