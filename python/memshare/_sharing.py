@@ -85,7 +85,7 @@ def _dtype_node(dt: np.dtype, depth: int) -> Any:
         raise ValueError("dtype nests too deeply")
     if dt.subdtype is not None:
         base, shape = dt.subdtype
-        return {"sub": _dtype_node(base, depth + 1), "shape": list(shape)}
+        return {"b": _dtype_node(base, depth + 1), "s": list(shape)}
     if dt.fields is None:
         if not _SIMPLE.fullmatch(dt.str) or np.dtype(dt.str) != dt:
             raise ValueError("dtype has no plain description")
@@ -94,11 +94,12 @@ def _dtype_node(dt: np.dtype, depth: int) -> Any:
     fields = [dt.fields[n] for n in names]
     if any(len(f) > 2 for f in fields):
         raise ValueError("titled fields do not travel by handle")
+    # Short keys (names, formats, offsets, itemsize): messages stay small.
     return {
-        "names": names,
-        "formats": [_dtype_node(f[0], depth + 1) for f in fields],
-        "offsets": [int(f[1]) for f in fields],
-        "itemsize": dt.itemsize,
+        "n": names,
+        "f": [_dtype_node(f[0], depth + 1) for f in fields],
+        "o": [int(f[1]) for f in fields],
+        "i": dt.itemsize,
     }
 
 
@@ -140,20 +141,20 @@ def _node_dtype(node: Any, depth: int) -> np.dtype:
         return np.dtype(node)
     if not isinstance(node, dict):
         raise ValueError("dtype node must be a string or an object")
-    if set(node) == {"sub", "shape"}:
-        shape = tuple(_ints(node["shape"], "shape"))
+    if set(node) == {"b", "s"}:
+        shape = tuple(_ints(node["s"], "shape"))
         if len(shape) > 32:
             raise ValueError("subarray has too many dimensions")
-        return np.dtype((_node_dtype(node["sub"], depth + 1), shape))
-    if set(node) != {"names", "formats", "offsets", "itemsize"}:
+        return np.dtype((_node_dtype(node["b"], depth + 1), shape))
+    if set(node) != {"n", "f", "o", "i"}:
         raise ValueError("unknown dtype fields")
-    names, formats = node["names"], node["formats"]
-    offsets = _ints(node["offsets"], "offsets")
+    names, formats = node["n"], node["f"]
+    offsets = _ints(node["o"], "offsets")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError("names must be strings")
     if not isinstance(formats, list) or not len(names) == len(formats) == len(offsets):
         raise ValueError("names, formats and offsets differ in length")
-    itemsize = node["itemsize"]
+    itemsize = node["i"]
     if type(itemsize) is not int or itemsize < 0:
         raise ValueError("itemsize must be a non-negative int")
     return np.dtype(
@@ -214,10 +215,12 @@ def _share_copy(arr: np.ndarray) -> np.ndarray:
 def reduce_for_transport(arr: np.ndarray) -> Any:
     """ForkingPickler reducer of numpy arrays: shared data goes as a
     one-entry message (the receiver maps the same memory), the rest by value."""
+    from ._array import _rebuild  # a short global name: messages stay small
+
     entry = entry_of(arr)
     if entry is None:
         return arr.view(np.ndarray).__reduce_ex__(4)
-    return (_rebuild_transported, (_native.encode_message([entry], b""),))
+    return (_rebuild, (_native.encode_message([entry], b""),))
 
 
 def _rebuild_transported(message: bytes) -> np.ndarray:
