@@ -18,7 +18,7 @@ WHEEL_BUILD := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/maturin build --q
 	--profile wheel --zig --compatibility manylinux_2_28 --out dist
 # The CPythons make test-wheels installs the wheels into (pyenv versions).
 WHEEL_PYTHONS := 3.10.13 3.11.7 3.12.1 3.13.0
-pyenv_python = "$$(pyenv prefix $(1))/bin/python"
+pyenv_python = "$$(pyenv prefix $(1) 2>/dev/null || echo $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1))/bin/python"
 
 # A second interpreter for CPython's own test suites (tests/conformance): the
 # 3.13 install has test_concurrent_futures, which 3.11's lacks.

@@ -160,6 +160,14 @@ def main() -> None:
     end_load = os.getloadavg()
 
     st, ms_ = results["stock"], results["memshare"]
+    print("## memshare on Dask\n")
+    print(
+        "LocalCluster(n_workers=2, threads_per_worker=1, processes=True) on loopback; stock "
+        "Dask and `memshare.dask.register(client)` in the same run. A transfer row times a "
+        "task on worker b that uses an array made on worker a (made before the clock "
+        "starts), so it includes Dask's task round trip; a gather row times "
+        "`future.result()`. See docs/dask.md.\n"
+    )
     rows = [
         [
             "200 MB worker to worker, task reads one element",

@@ -60,7 +60,13 @@ FIXTURES = {
     "queue": "import memshare as _ms\nqueue = _ms.Queue()  # a queue object, not the module",
     "q": "import memshare as _ms\nq = _ms.Queue()\nq.put('first')\nq.put('second')",
     "loop": "import asyncio as _asyncio\nloop = _asyncio.get_running_loop()",
+    "client": "from distributed import Client as _Client, LocalCluster as _LocalCluster\n"
+    "import memshare.dask as _msdask\n"
+    "_cluster = _LocalCluster(n_workers=2, processes=True, dashboard_address=None)\n"
+    "client = _Client(_cluster)\n_msdask.register(client)",
 }
+#: What runs after a block that used the fixture.
+TEARDOWN = {"client": "client.close()\n_cluster.close()"}
 #: Files a block reads, made in its working directory when it names them.
 FILES = {
     "big.parquet": "import numpy as _np, pandas as _pd\n"
@@ -227,7 +233,8 @@ def test_python_block_runs(block, tmp_path):
     assert not missing, f"the block uses {sorted(missing)}: define them or add FIXTURES"
     needed = [code for name, code in FIXTURES.items() if name in free_names(block)]
     needed += [code for name, code in FILES.items() if name in block]
-    source = "\n".join([*needed, block])
+    after = [code for name, code in TEARDOWN.items() if name in free_names(block)]
+    source = "\n".join([*needed, block, *after])
     with tempfile.TemporaryDirectory(prefix="docs-block-", dir="/dev/shm") as shm_dir:
         env = {k: v for k, v in os.environ.items() if k != "MEMSHARE_ARENA"}
         env["MEMSHARE_DIR"] = shm_dir

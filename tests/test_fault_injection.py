@@ -150,7 +150,7 @@ def consumer(q, report_path, die_at, started):
         if item is None:
             break
         pid, seq, crc, arr = item
-        ok = checksum(arr) == crc and (ms.is_shared(arr) or arr.nbytes < 64 * 1024)
+        ok = checksum(arr) == crc and (ms.is_shared(arr) or arr.nbytes < ms.DEFAULT_SHARE_THRESHOLD)
         del arr
         if got == die_at:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import pickle
 import random
 import select
 import signal
@@ -103,16 +102,18 @@ def test_small_dev_shm_gives_memory_error_not_sigbus(small_tmpfs):
 
 def test_foreign_file_with_memshare_name_is_refused():
     a = ms.share(np.arange(10))
-    raw = bytearray(a.__reduce_ex__(5)[1][0])
-    _native.open_array(bytes(raw))  # adopt the pin
+    raw = bytearray(ms.dumps(a))
+    ms.loads(bytes(raw))  # adopt the pin
     fake_token = uuid.uuid4().hex
     fake = Path(_native.shm_dir()) / f"memshare-{fake_token}"
     fake.write_bytes(os.urandom(3 << 20))
     fake.chmod(0o600)
     try:
-        raw[8 + 4 : 8 + 4 + 16] = bytes.fromhex(fake_token)  # point the handle at it
+        # Point the first table entry's handle at it (header 16 B, entry
+        # length 4 B, then the handle, whose token is at byte 8).
+        raw[28:44] = bytes.fromhex(fake_token)
         with pytest.raises(ValueError):
-            _native.open_array(bytes(raw))
+            ms.loads(bytes(raw))
         listing = {x["token"]: x for x in _native.list_arenas()}
         assert "error" in listing[fake_token] and "refusing" in listing[fake_token]["error"]
         assert fake_token in _native.collect_garbage()
@@ -125,7 +126,7 @@ def test_another_user_cannot_attach():
     if os.geteuid() != 0:
         pytest.skip("switching users needs root")
     a = ms.share(np.arange(1000))
-    message = a.__reduce_ex__(5)[1][0]
+    message = ms.dumps(a)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: become nobody, then try to open the handle
@@ -136,7 +137,7 @@ def test_another_user_cannot_attach():
             os.setgid(65534)
             os.setuid(65534)
             try:
-                _native.open_array(message)
+                ms.loads(message)
                 os.write(w, b"attached")
             except PermissionError as e:
                 os.write(w, b"PermissionError " + str(e).encode())
@@ -153,14 +154,14 @@ def test_another_user_cannot_attach():
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert result.startswith("PermissionError"), result
-    _native.open_array(message)  # adopt the pin ourselves
+    ms.loads(message)  # adopt the pin ourselves
 
 
 # --- killed processes ------------------------------------------------------------
 
 CHURN = """
 import os, sys, numpy as np, memshare as ms, pickle
-arrays = [pickle.loads(bytes.fromhex(line)) for line in sys.argv[1:]]
+arrays = [ms.loads(bytes.fromhex(line)) for line in sys.argv[1:]]
 rng = np.random.default_rng(os.getpid())
 held = []
 print("ready", flush=True)
@@ -170,7 +171,7 @@ while True:  # allocate, pin, free and hold at random until killed
     if rng.random() < 0.5:
         held.append(a)
     if rng.random() < 0.3:
-        pickle.dumps(a)  # a pin that will never be adopted
+        ms.dumps(a)  # a pin that will never be adopted
     if len(held) > 20:
         held.pop(int(rng.integers(0, len(held))))
     for x in arrays:
@@ -186,7 +187,7 @@ def test_random_kills_of_a_churning_process_leave_nothing(seed):
     shared = ms.zeros(10)
     before = ms.stats()
     p = subprocess.Popen(
-        [sys.executable, "-c", CHURN, pickle.dumps(shared).hex()],
+        [sys.executable, "-c", CHURN, ms.dumps(shared).hex()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -234,7 +235,7 @@ def test_handle_from_killed_sender_is_stale_not_corrupt():
     code = (
         "import numpy as np, memshare as ms, pickle, sys, os\n"
         "a = ms.share(np.arange(1000.0))\n"
-        "sys.stdout.write(pickle.dumps(a).hex() + '\\n'); sys.stdout.flush()\n"
+        "sys.stdout.write(ms.dumps(a).hex() + '\\n'); sys.stdout.flush()\n"
         "os.kill(os.getpid(), 9)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MEMSHARE_ARENA"}
@@ -245,4 +246,4 @@ def test_handle_from_killed_sender_is_stale_not_corrupt():
     assert out.returncode == -signal.SIGKILL
     ms.reap()
     with pytest.raises(ms.StaleHandleError):
-        pickle.loads(bytes.fromhex(out.stdout.strip()))
+        ms.loads(bytes.fromhex(out.stdout.strip()))

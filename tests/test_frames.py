@@ -442,7 +442,7 @@ def test_objects_through_executor(method):
 
 def test_memshare_pickler():
     """memshare's own pickler (protocol 5) sends shared frames by handle too."""
-    from memshare._array import dumps, loads
+    from memshare import dumps, loads
 
     _ensure_reducers()
     df = mixed_frame(5000).drop(columns="obj_py")
@@ -451,9 +451,10 @@ def test_memshare_pickler():
     assert len(data) < 0.01 * frame_nbytes(df), len(data)
     pd.testing.assert_frame_equal(back, df, check_exact=True)
     assert unshared_buffers(back) == []
-    # A frame not yet shared: its large buffers are shared on the way.
+    # A frame not yet shared: its buffers of at least `threshold` bytes are
+    # shared on the way.
     big = big_mixed_frame(8 * MB)
-    data = dumps(big)
+    data = dumps(big, threshold=64 * 1024)
     back = loads(data)
     assert len(data) < 0.01 * frame_nbytes(big), len(data)
     pd.testing.assert_frame_equal(back, big, check_exact=True)

@@ -1,4 +1,4 @@
-"""What the installed package says about itself: its version."""
+"""What the package says about itself (its version) and how it is built (its locks)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,27 @@ def test_version_matches_the_installed_metadata():
 
 def test_version_is_pep440():
     assert re.fullmatch(r"\d+\.\d+\.\d+([abc]|rc)?\d*(\.dev\d+)?", ms.__version__)
+
+
+def _names(path: Path) -> set[str]:
+    """Normalised project names of a requirements file (comments, extras, pins dropped)."""
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line).group(0)
+            names.add(re.sub(r"[-_.]+", "-", name).lower())
+    return names
+
+
+def test_every_requirement_is_pinned_in_its_lock_file():
+    # Someone who adds a name to requirements/*.in must also run `make lock`.
+    for source in sorted((ROOT / "requirements").glob("*.in")):
+        lock = source.with_suffix(".txt")
+        pinned = {line.split("==")[0] for line in lock.read_text().splitlines() if "==" in line}
+        missing = _names(source) - _names(lock)
+        assert not missing, f"{sorted(missing)} in {source.name} but not in {lock.name}: make lock"
+        assert all(
+            "==" in line for line in lock.read_text().splitlines() if line and line[0].isalnum()
+        ), f"{lock.name} has an unpinned line"
+        assert pinned, lock

@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -307,3 +308,27 @@ def test_pools_run_callables_defined_in_main(method):
         "ex_lambda": "done",
         "ex_class": [True, -4],
     }
+
+
+class _Registered:
+    pass
+
+
+def _rebuild_registered() -> str:
+    return "rebuilt by the registered reducer"
+
+
+def test_pickler_applies_every_reducer_table():
+    """ForkingPickler's reducers (also ones registered later) win over
+    cloudpickle's, which apply to what the standard library cannot pickle."""
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.register(_Registered, lambda obj: (_rebuild_registered, ()))
+    try:
+        assert pickle.loads(_callables.dumps(_Registered())) == _rebuild_registered()
+    finally:
+        del ForkingPickler._extra_reducers[_Registered]
+    proxy = types.MappingProxyType({"a": 1})  # cloudpickle's reducer
+    assert pickle.loads(_callables.dumps(proxy)) == proxy
+    with pytest.raises(TypeError):
+        pickle.dumps(proxy)

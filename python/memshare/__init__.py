@@ -25,7 +25,7 @@ from ._array import (
     zeros,
     zeros_like,
 )
-from ._native import (
+from ._errors import (
     CorruptSegmentError,
     HandleError,
     SharedMemoryError,
@@ -35,11 +35,13 @@ from ._pool import Pool, ProcessPoolExecutor, WorkerLostError
 from ._process import Process, get_context
 from ._queue import JoinableQueue, Queue
 from ._share import share
+from ._sharing import DEFAULT_SHARE_THRESHOLD, dumps, loads
 
 __version__: str = _native.__version__
 """memshare's version (the Rust crates' version from Cargo.toml)."""
 
 __all__ = [
+    "DEFAULT_SHARE_THRESHOLD",
     "CorruptSegmentError",
     "HandleError",
     "JoinableQueue",
@@ -52,12 +54,14 @@ __all__ = [
     "StaleHandleError",
     "WorkerLostError",
     "allocate_in_shared_memory",
+    "dumps",
     "empty",
     "empty_like",
     "full",
     "full_like",
     "get_context",
     "is_shared",
+    "loads",
     "reap",
     "set_limit",
     "set_retain",

@@ -2,34 +2,27 @@
 
 An array's memory is a block of the arena owned by a ``_native.Block``; the
 array (and every view of it) keeps the block alive through numpy's ``base``
-chain. Pickling a shared array produces a small message (a 64-byte handle plus
-dtype, shape, strides and offset) instead of the data; unpickling it in any
-process maps the same memory.
+chain. How shared arrays are pickled is decided in ``_sharing``: transports
+(multiprocessing, memshare's Pool and Queue) send handles, every other
+pickling keeps the data.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import io
 import multiprocessing.reduction
-import pickle
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _native
+from . import _native, _sharing
 
 __all__ = [
     "SharedArray",
-    "dumps",
     "empty",
     "empty_like",
     "full",
     "full_like",
     "is_shared",
-    "loads",
     "share_array",
     "zeros",
     "zeros_like",
@@ -39,20 +32,6 @@ try:
     _byte_bounds = np.lib.array_utils.byte_bounds  # numpy >= 2.0
 except AttributeError:  # pragma: no cover - numpy 1.26
     _byte_bounds = np.byte_bounds
-
-
-def _encode_dtype(dt: np.dtype) -> str:
-    if dt.fields is None and dt.subdtype is None:
-        return dt.str
-    return "descr:" + repr(np.lib.format.dtype_to_descr(dt))
-
-
-@functools.lru_cache(maxsize=256)
-def _decode_dtype(s: str) -> np.dtype:
-    # Cached: every array received decodes one, and a program sends few dtypes.
-    if s.startswith("descr:"):
-        return np.lib.format.descr_to_dtype(ast.literal_eval(s[len("descr:") :]))
-    return np.dtype(s)
 
 
 def _check_dtype(dt: np.dtype) -> None:
@@ -98,38 +77,23 @@ def is_shared(obj: Any) -> bool:
     return _block_of(obj) is not None
 
 
-def _array_message(arr: np.ndarray, owner: _native.Block | None = None) -> bytes | None:
-    found = _block_of(arr)
-    if found is None:
-        return None
-    block, offset = found
-    return block.array_message(
-        _encode_dtype(arr.dtype), arr.dtype.itemsize, arr.shape, arr.strides, offset, owner
-    )
+# Transitional names for the pools (they move onto ``_sharing`` with the
+# pool package): a one-entry message and its two ways of loading.
+def _encode_dtype(dt: np.dtype) -> str | None:
+    return _sharing.encode_dtype(dt)
 
 
-def _rebuild(message: bytes) -> SharedArray:
-    """Unpickles a shared array: maps the same memory in this process."""
-    block, dtype, itemsize, shape, strides, offset = _native.open_array(message)
-    dt = _decode_dtype(dtype)
-    if dt.itemsize != itemsize:
-        raise _native.HandleError("memshare: array message dtype does not match its item size")
-    return np.ndarray.__new__(
-        SharedArray, tuple(shape), dt, buffer=block, offset=offset, strides=tuple(strides)
-    )
+def _rebuild(message: bytes) -> np.ndarray:
+    """Loads a one-entry message as a SharedArray over the same memory."""
+    return _sharing._rebuild_transported(message)
 
 
 def _rebuild_private(message: bytes) -> np.ndarray:
-    """Unpickles an array as a private copy without copying: a copy-on-write
-    mapping of the shared block, so writes stay in this process (the
-    semantics of an argument pickled by value) and only written pages are
-    ever copied."""
-    block, dtype, itemsize, shape, strides, offset = _native.open_array(message)
-    dt = _decode_dtype(dtype)
-    if dt.itemsize != itemsize:
-        raise _native.HandleError("memshare: array message dtype does not match its item size")
-    view = block.copy_on_write()
-    return np.ndarray(tuple(shape), dt, buffer=view, offset=offset, strides=tuple(strides))
+    """Loads a one-entry message as a private copy-on-write view."""
+    entries, payload = _native.decode_message(message)
+    if len(entries) != 1 or payload:
+        raise _native.HandleError("memshare: not a single-array message")
+    return _sharing.rebuild_entry(entries[0], private=True)
 
 
 class SharedArray(np.ndarray):
@@ -137,20 +101,24 @@ class SharedArray(np.ndarray):
 
     Writes are visible in every process that holds the array (it is shared
     state, not a snapshot); arrays made with ``readonly=True`` cannot be
-    written through numpy in any process. Pickling (any protocol, any
-    transport) sends a handle of under 256 bytes whatever the size, and a
-    slice or view arrives as the same view. Results of arithmetic that live in
-    ordinary memory come back as plain ``numpy.ndarray``.
+    written through numpy in any process. Sent through a transport
+    (``multiprocessing``, ``concurrent.futures``, memshare's Pool and Queue)
+    it travels as a handle of under 256 bytes whatever its size, and a slice
+    or view arrives as the same view of the same memory. Any other pickling
+    (``pickle.dump`` to a file, ``joblib``, ``copy``) keeps the data and
+    loads as a plain ``numpy.ndarray`` in private memory; with protocol 5
+    and a ``buffer_callback`` the out-of-band buffer is the shared pages
+    themselves. Results of arithmetic that live in ordinary memory come back
+    as plain ``numpy.ndarray``.
 
     The memory is freed when the last reference in any process goes away; no
     ``close()`` or ``unlink()`` is needed.
     """
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        message = _array_message(self)
-        if message is None:
-            return self.view(np.ndarray).__reduce_ex__(protocol)
-        return (_rebuild, (message,))
+        # By value: the bytes must stay loadable after every process that
+        # holds the memory has exited (transports register their own reducer).
+        return self.view(np.ndarray).__reduce_ex__(protocol)
 
     def __reduce__(self) -> Any:
         return self.__reduce_ex__(2)
@@ -250,77 +218,10 @@ def share_array(arr, readonly: bool = False) -> SharedArray:
 
 # --- pickling ---------------------------------------------------------------
 
+# Transports send arrays over shared memory by handle (see ``_sharing``).
+multiprocessing.reduction.ForkingPickler.register(np.ndarray, _sharing.reduce_for_transport)
+multiprocessing.reduction.ForkingPickler.register(SharedArray, _sharing.reduce_for_transport)
 
-def _reduce_plain_ndarray(arr: np.ndarray):
-    """ForkingPickler reducer: plain arrays over shared memory go by handle."""
-    message = _array_message(arr)
-    if message is None:
-        return arr.__reduce_ex__(4)
-    return (_rebuild, (message,))
-
-
-multiprocessing.reduction.ForkingPickler.register(np.ndarray, _reduce_plain_ndarray)
-
-#: Extra reducers (type -> reduce function) that memshare's own pickler uses,
-#: filled in by the DataFrame/Arrow support.
-extra_reducers: dict[type, Callable[[Any], Any]] = {}
-
-#: Out-of-band buffers at least this large are placed in shared memory.
-OUT_OF_BAND_THRESHOLD = 64 * 1024
-
-
-class _Pickler(pickle.Pickler):
-    def __init__(self, file, buffer_callback, pin_owner):
-        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
-        self._pin_owner = pin_owner
-
-    def reducer_override(self, obj):
-        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
-            message = _array_message(obj, self._pin_owner)
-            if message is None and obj.nbytes >= OUT_OF_BAND_THRESHOLD:
-                # Copy into shared memory here rather than leave it to pickle's
-                # out-of-band buffers: numpy pickles some dtypes (datetime64,
-                # timedelta64) in-band.
-                message = _array_message(share_array(obj), self._pin_owner)
-            if message is not None:
-                return (_rebuild, (message,))
-            return NotImplemented
-        reducer = extra_reducers.get(type(obj))
-        if reducer is not None:
-            return reducer(obj)
-        return NotImplemented
-
-
-def dumps(obj: Any, pin_owner: _native.Block | None = None) -> bytes:
-    """Pickles ``obj`` so that shared data travels by handle.
-
-    Shared arrays become handles; large out-of-band buffers (pickle protocol 5)
-    of anything else are copied into shared memory once and travel by handle
-    too; small ones stay inline. ``pin_owner`` makes the handles' pins belong
-    to that block (a queue) instead of this process.
-    """
-    buffers: list[pickle.PickleBuffer] = []
-    f = io.BytesIO()
-    _Pickler(f, buffers.append, pin_owner).dump(obj)
-    if not buffers:
-        return b"\x00" + f.getvalue()
-    parts = []
-    for pb in buffers:
-        raw = pb.raw()
-        if raw.nbytes >= OUT_OF_BAND_THRESHOLD:
-            shared = share_array(np.frombuffer(raw, dtype=np.uint8))
-            parts.append(("h", _array_message(shared, pin_owner)))
-        else:
-            parts.append(("b", bytes(raw)))
-    return b"\x01" + pickle.dumps((f.getvalue(), parts), protocol=5)
-
-
-def loads(data: bytes) -> Any:
-    """Inverse of :func:`dumps`."""
-    if data[:1] == b"\x00":
-        return pickle.loads(memoryview(data)[1:])
-    if data[:1] != b"\x01":
-        raise _native.HandleError("memshare: not a memshare message")
-    inband, parts = pickle.loads(memoryview(data)[1:])
-    buffers = [_rebuild(p) if kind == "h" else p for kind, p in parts]
-    return pickle.loads(inband, buffers=buffers)
+#: Extra reducers of memshare's pickler (the DataFrame/Arrow/polars support
+#: fills it in); the same dict as ``_sharing.extra_reducers``.
+extra_reducers = _sharing.extra_reducers

@@ -30,16 +30,20 @@ memshare's own picklers subclass it and add shared memory in their
 
 from __future__ import annotations
 
+import copyreg
 import io
 import os
 import pickle
 import sys
 import types
-from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cloudpickle
+
+#: cloudpickle's own reducers (its class-level table is a ChainMap of them
+#: and copyreg's).
+_CLOUDPICKLE_REDUCERS = cloudpickle.Pickler.dispatch_table.maps[0]
 
 __all__ = [
     "Pickler",
@@ -114,10 +118,9 @@ class Pickler(cloudpickle.Pickler):
         buffer_callback: as for ``pickle.Pickler``.
     """
 
-    # ForkingPickler's reducers (connections, sockets, shared arrays, frames)
-    # first, then cloudpickle's (code objects, cells, ...), then copyreg's.
-    # Views, not copies: reducers registered later apply too.
-    dispatch_table = ChainMap(ForkingPickler._extra_reducers, cloudpickle.Pickler.dispatch_table)
+    # Subclasses that override reducer_override call ours only for these
+    # (one Python call less per object for everything else).
+    CALLABLES = (types.FunctionType, type)
 
     def __init__(
         self,
@@ -127,11 +130,25 @@ class Pickler(cloudpickle.Pickler):
         main_by_ref: bool = True,
         buffer_callback: Any = None,
     ):
+        # A dict, as ForkingPickler builds it for each pickler (the C pickler
+        # looks every object's type up in it; cloudpickle's ChainMap costs a
+        # Python call and a KeyError each): copyreg's reducers, then
+        # cloudpickle's (code objects, cells, ...), then ForkingPickler's
+        # (connections, sockets, shared arrays, frames), the last winning.
+        # The C pickler reads it once, in __init__, through the property.
+        table = dict(copyreg.dispatch_table)
+        table.update(_CLOUDPICKLE_REDUCERS)
+        table.update(ForkingPickler._extra_reducers)
+        self._table = table
         super().__init__(file, protocol, buffer_callback=buffer_callback)
         self._main_by_ref = main_by_ref
 
+    @property
+    def dispatch_table(self) -> dict:
+        return self._table
+
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (types.FunctionType, type)):
+        if isinstance(obj, Pickler.CALLABLES):
             if by_reference(obj, self._main_by_ref):
                 return NotImplemented  # pickle's own save_global
             return super().reducer_override(obj)  # cloudpickle: by value
@@ -177,8 +194,9 @@ def _set_function_state(func: types.FunctionType, state: tuple) -> None:
         namespace["__builtins__"] = builtins
 
 
-# The one private name of cloudpickle used here (its state format is what
-# _set_function_state reads; tests/test_callables.py checks both).
+# The private parts of cloudpickle used here: this, the state format that
+# _set_function_state reads, _dynamic_function_reduce's result and the
+# reducer table above (tests/test_process.py runs them all).
 _cloudpickle_set_function_state = cloudpickle.cloudpickle._function_setstate
 
 

@@ -3,10 +3,12 @@
 The queue is a ring of message slots in one block of memshare's arena,
 implemented in Rust (``memshare._native.Queue``): lock-free on the hot path,
 blocking through a futex in shared memory (an idle waiter uses no CPU), the
-GIL released while waiting. Objects are pickled with memshare's pickler, so
-shared arrays, DataFrames and large buffers travel as small handles; the
-queue owns what a message references while it waits, and the consumer owns
-it once ``get`` returns: memory is freed when the consumer drops the object.
+GIL released while waiting. Objects travel as messages (see ``_sharing``):
+shared arrays, DataFrames and arrays or buffers of at least
+``share_threshold`` bytes go in the message's handle table, the rest is
+pickled; the queue owns what the table lists while the message waits, and
+the consumer owns it once ``get`` returns: memory is freed when the consumer
+drops the object.
 See ``docs/queue.md`` for the delivery guarantee when processes are killed.
 """
 
@@ -19,12 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _array, _native
-from ._array import dumps, loads
-
-#: Array messages (``memshare::array`` wire format) start with this; they are
-#: what Rust's ``Queue::put_array`` sends and ``get_array`` expects.
-_ARRAY_MAGIC = b"MSA1"
+from . import _native, _sharing
+from ._array import SharedArray
 
 __all__ = ["JoinableQueue", "Queue"]
 
@@ -48,17 +46,23 @@ def _timeout(block: bool, timeout: float | None) -> float | None:
     return float(timeout)
 
 
-def _encode(obj: Any) -> bytes:
-    """A message for ``obj``: a bare array message for numpy arrays in (or
-    large enough to be copied to) shared memory, so a Rust consumer can take
-    them with ``Queue::get_array``; memshare's pickle for everything else."""
-    if type(obj) in (np.ndarray, _array.SharedArray) and not obj.dtype.hasobject:
-        message = _array._array_message(obj)
-        if message is None and obj.nbytes >= _array.OUT_OF_BAND_THRESHOLD:
-            message = _array._array_message(_array.share_array(obj))
-        if message is not None:
-            return message
-    return dumps(obj)
+def _encode(obj: Any, threshold: int | None) -> bytes:
+    """A message for ``obj``. A numpy array that travels by handle is a bare
+    one-entry message (no payload), what Rust's ``Queue::put_array`` sends
+    and ``get_array`` takes; anything else is a pickle over a handle table."""
+    if type(obj) in (np.ndarray, SharedArray) and not obj.dtype.hasobject:
+        picked = _sharing.default_share(threshold)(obj)
+        if picked is not None:
+            entry = _sharing.entry_of(picked[0])
+            if entry is not None:
+                return _native.encode_message([entry], b"")
+    return _sharing.encode(obj, threshold=threshold)
+
+
+def _decode(entries: list, payload: bytes) -> Any:
+    if not payload and len(entries) == 1:
+        return _sharing.rebuild_entry(entries[0])
+    return _sharing.loads_message(entries, payload)
 
 
 def _rebuild(cls: type, handle: bytes, maxsize: int, raise_pickling_errors: bool = False) -> Queue:
@@ -129,8 +133,9 @@ class Queue:
 
         Waits up to ``timeout`` seconds (forever if None) for room, or not at
         all if ``block`` is false, then raises ``queue.Full``. Shared arrays
-        and frames in ``obj`` travel by handle; large buffers not yet shared
-        are copied into shared memory once.
+        and frames in ``obj`` travel by handle; arrays and buffers of at
+        least 1 MiB (``_sharing.DEFAULT_SHARE_THRESHOLD``) not yet shared are
+        copied into shared memory once.
 
         An object that cannot be pickled is reported and dropped (see
         ``raise_pickling_errors``), as by ``multiprocessing.Queue``.
@@ -141,10 +146,12 @@ class Queue:
         deadline = None if t is None else time.monotonic() + t
         try:
             if t is None:
-                message = _encode(obj)
+                message = _encode(obj, _sharing.DEFAULT_SHARE_THRESHOLD)
             else:
                 # Sharing the payload waits for the arena's lock: within the timeout.
-                message = _native.call_with_timeout(t, _encode, obj)
+                message = _native.call_with_timeout(
+                    t, _encode, obj, _sharing.DEFAULT_SHARE_THRESHOLD
+                )
         except TimeoutError:
             raise queue.Full from None
         except Exception as e:
@@ -169,10 +176,8 @@ class Queue:
         while waiting.
         """
         self._check_closed()
-        data, refs = self._q.get(_timeout(block, timeout))
-        obj = _array._rebuild(data) if data[:4] == _ARRAY_MAGIC else loads(data)
-        del refs  # the object now holds its own references
-        return obj
+        entries, payload = self._q.get(_timeout(block, timeout))
+        return _decode(entries, payload)
 
     def put_nowait(self, obj: Any) -> None:
         """Equivalent to ``put(obj, False)``."""

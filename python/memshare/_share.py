@@ -6,7 +6,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._array import _check_dtype, dumps, loads, share_array
+from . import _sharing
+from ._array import _check_dtype, share_array
 
 T = TypeVar("T")
 
@@ -46,7 +47,8 @@ def share(obj: T, readonly: bool = False) -> T:
     shared = _share_frame(obj)
     if shared is not NotImplemented:
         return shared
-    return loads(dumps(obj))
+    # Every pickle-5 out-of-band buffer is copied into shared memory.
+    return _sharing.loads(_sharing.dumps(obj, threshold=1))
 
 
 def _share_frame(obj: Any) -> Any:

@@ -2,6 +2,7 @@
 //! The Python API in `python/memshare` is built on these few functions.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod message;
 mod numpy_hook;
 mod queue;
 
@@ -12,39 +13,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use memshare::arena::{self, Arena};
-use memshare::{ArrayMeta, Block, Error, Handle};
+use memshare::{Block, Error, Handle};
 use pyo3::exceptions::{
-    PyBufferError, PyMemoryError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError,
-    PyValueError,
+    PyBufferError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-pyo3::create_exception!(
-    _native,
-    HandleError,
-    PyValueError,
-    "Handle bytes that memshare cannot use: forged, truncated, foreign or from another version."
-);
-pyo3::create_exception!(
-    _native,
-    StaleHandleError,
-    HandleError,
-    "A handle to shared memory that has been freed: every process dropped the object."
-);
-pyo3::create_exception!(
-    _native,
-    CorruptSegmentError,
-    PyValueError,
-    "A file with a memshare name that is not a valid memshare segment."
-);
-pyo3::create_exception!(
-    _native,
-    SharedMemoryError,
-    PyMemoryError,
-    "Shared memory is exhausted: the arena limit or the file system's space is reached."
-);
+// memshare's exceptions live in Python (`memshare._errors`) so that they
+// pickle by reference like any exception class.
+pyo3::import_exception!(memshare._errors, HandleError);
+pyo3::import_exception!(memshare._errors, StaleHandleError);
+pyo3::import_exception!(memshare._errors, CorruptSegmentError);
+pyo3::import_exception!(memshare._errors, SharedMemoryError);
 
 /// The one mapping from core errors to Python exceptions.
 pub fn to_pyerr(e: Error) -> PyErr {
@@ -206,7 +188,8 @@ impl PyBlock {
         Ok(PyBytes::new(py, &h.to_bytes()))
     }
 
-    /// An array message (handle + layout) for a view of this block.
+    /// A single-array message (one table entry, no payload) for a view of
+    /// this block; with `owner`, its pin belongs to that block.
     #[pyo3(signature = (dtype, itemsize, shape, strides, offset, owner=None))]
     #[allow(clippy::too_many_arguments)]
     fn array_message<'py>(
@@ -219,21 +202,24 @@ impl PyBlock {
         offset: usize,
         owner: Option<&PyBlock>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let meta = ArrayMeta {
+        let layout = memshare::ArrayMeta {
             dtype: dtype.to_string(),
             itemsize,
             shape,
             strides,
             offset,
         };
-        meta.check_bounds(self.block.len()).map_err(to_pyerr)?;
-        let h = py
+        memshare::message::check_layout(&layout, self.block.len()).map_err(to_pyerr)?;
+        let handle = py
             .detach(|| match owner {
                 Some(o) => self.block.handle_owned_by(&o.block),
                 None => self.block.handle(),
             })
             .map_err(to_pyerr)?;
-        Ok(PyBytes::new(py, &meta.encode(&h)))
+        let key = memshare::message::key_of(self.block.arena());
+        let msg = memshare::message::encode(&[(memshare::Entry { handle, layout }, key)], &[])
+            .map_err(to_pyerr)?;
+        Ok(PyBytes::new(py, &msg))
     }
 
     /// A copy-on-write view of this block (see `PrivateView`).
@@ -401,27 +387,6 @@ fn open_handle(py: Python<'_>, handle: &[u8]) -> PyResult<PyBlock> {
     let h = Handle::from_bytes(handle).map_err(to_pyerr)?;
     let block = py.detach(|| memshare::open(&h)).map_err(to_pyerr)?;
     Ok(PyBlock::new(block))
-}
-
-/// Opens an array message: (block, dtype, itemsize, shape, strides, offset),
-/// with the layout bounds-checked against the block.
-#[pyfunction]
-#[allow(clippy::type_complexity)]
-fn open_array(
-    py: Python<'_>,
-    message: &[u8],
-) -> PyResult<(PyBlock, String, usize, Vec<usize>, Vec<isize>, usize)> {
-    let (h, meta) = ArrayMeta::decode(message).map_err(to_pyerr)?;
-    let block = py.detach(|| memshare::open(&h)).map_err(to_pyerr)?;
-    meta.check_bounds(block.len()).map_err(to_pyerr)?;
-    Ok((
-        PyBlock::new(block),
-        meta.dtype,
-        meta.itemsize,
-        meta.shape,
-        meta.strides,
-        meta.offset,
-    ))
 }
 
 /// The shared block holding `[address, address + nbytes)` in this process,
@@ -681,7 +646,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(alloc, m)?)?;
     m.add_function(wrap_pyfunction!(copy_into, m)?)?;
     m.add_function(wrap_pyfunction!(open_handle, m)?)?;
-    m.add_function(wrap_pyfunction!(open_array, m)?)?;
     m.add_function(wrap_pyfunction!(find, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(populate_idle, m)?)?;
@@ -700,5 +664,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(shutdown, m)?)?;
     numpy_hook::register(m)?;
     queue::register(m)?;
+    message::register(m)?;
     Ok(())
 }

@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use memshare::arena::with_deadline;
 use memshare::queue::Queue;
-use memshare::{Block, Error, Handle};
+use memshare::{Error, Handle};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::message::{entry_out, PyEntry};
 use crate::to_pyerr;
 
 /// Converts a Python timeout in seconds: None waits forever, <= 0 does not wait.
@@ -23,19 +24,13 @@ fn timeout_of(t: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
-/// A bounded multi-producer multi-consumer queue of byte messages in shared
-/// memory. Handles of shared arrays embedded in a message are owned by the
-/// queue while it waits, and by the consumer once `get` returns.
+/// A bounded multi-producer multi-consumer queue of messages (see
+/// `encode_message`) in shared memory. The blocks a message's handle table
+/// lists are owned by the queue while it waits, and by the consumer once
+/// `get` returns.
 #[pyclass(frozen, module = "memshare._native", name = "Queue")]
 pub struct PyQueue {
     q: Queue,
-}
-
-/// The blocks a message's embedded handles reference, opened by `get` before
-/// the message left the queue. Keep it until the message is unpickled.
-#[pyclass(frozen, module = "memshare._native", name = "MessageRefs")]
-pub struct MessageRefs {
-    _blocks: Vec<Block>,
 }
 
 #[pymethods]
@@ -66,8 +61,10 @@ impl PyQueue {
         Ok(PyBytes::new(py, &h.to_bytes()))
     }
 
-    /// Puts a message, waiting up to `timeout` seconds (None: forever) for
-    /// room; raises `queue.Full` on timeout, ValueError if the queue was shut down.
+    /// Puts a message made by `encode_message`, waiting up to `timeout`
+    /// seconds (None: forever) for room; raises `queue.Full` on timeout,
+    /// ValueError if the queue was shut down, HandleError if `data` is not a
+    /// message. The entries' pins move to the queue.
     #[pyo3(signature = (data, timeout=None))]
     fn put(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
         let t = timeout_of(timeout)?;
@@ -99,15 +96,15 @@ impl PyQueue {
             .map_err(to_pyerr)
     }
 
-    /// Takes a message: `(bytes, refs)` where `refs` (or None) keeps the
-    /// data its handles name alive until the caller has unpickled it.
+    /// Takes a message: `(entries, payload)` as `decode_message` returns
+    /// them, the entries opened (this process now holds their blocks).
     /// Raises `queue.Empty` on timeout.
     #[pyo3(signature = (timeout=None))]
     fn get<'py>(
         &self,
         py: Python<'py>,
         timeout: Option<f64>,
-    ) -> PyResult<(Bound<'py, PyBytes>, Option<MessageRefs>)> {
+    ) -> PyResult<(Vec<PyEntry>, Bound<'py, PyBytes>)> {
         let t = timeout_of(timeout)?;
         // The timeout bounds the wait for the arena's lock too (opening the
         // handles of a message takes it): past it, the get is Empty.
@@ -127,10 +124,13 @@ impl PyQueue {
             }
             r => r.map_err(to_pyerr)?,
         };
-        let bytes = PyBytes::new(py, msg.as_bytes());
-        let blocks = msg.into_keep();
-        let refs = (!blocks.is_empty()).then_some(MessageRefs { _blocks: blocks });
-        Ok((bytes, refs))
+        let payload = PyBytes::new(py, msg.payload());
+        let entries = msg
+            .into_entries()
+            .into_iter()
+            .map(|(b, m)| entry_out(b, m))
+            .collect();
+        Ok((entries, payload))
     }
 
     /// Messages in the queue (approximate while others put and get).
@@ -193,6 +193,5 @@ impl PyQueue {
 /// Adds the queue classes to `memshare._native`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyQueue>()?;
-    m.add_class::<MessageRefs>()?;
     Ok(())
 }

@@ -2,20 +2,17 @@
 //! describes them (`<f8`, `|b1`, ...), so Rust and Python processes read each
 //! other's arrays without copying.
 //!
-//! An array message is what travels for one array:
-//! ```text
-//! "MSA1" | handle (64) | itemsize u64 | dtype len u16 | dtype utf-8 | ndim u8 |
-//! byte offset u64 | shape u64 x ndim | byte strides i64 x ndim
-//! ```
+//! One array travels as a [`crate::message`] with one table entry and an
+//! empty payload.
 
 use ndarray::{ArrayViewD, ArrayViewMutD, IxDyn, ShapeBuilder};
 
 use crate::arena::{Arena, Block};
 use crate::error::{Error, Result};
-use crate::handle::{Handle, HANDLE_LEN};
+use crate::message::{self, Entry};
 
-const MAGIC: &[u8; 4] = b"MSA1";
-const MAX_NDIM: usize = 64;
+/// Most dimensions of an array (numpy's limit).
+pub const MAX_NDIM: usize = 64;
 
 /// A plain-old-data element type with a numpy dtype string.
 ///
@@ -66,8 +63,7 @@ impl ArrayMeta {
         }
     }
 
-    /// Bytes spanned by the elements, or an error if any element would lie
-    /// outside `[0, block_len)`.
+    /// An error unless every element lies inside `[0, block_len)`.
     pub fn check_bounds(&self, block_len: usize) -> Result<()> {
         let bad = || Error::InvalidHandle("array view lies outside its shared block".into());
         if self.shape.len() != self.strides.len() || self.shape.len() > MAX_NDIM {
@@ -80,15 +76,13 @@ impl ArrayMeta {
                 Err(bad())
             };
         }
+        // i128 holds one span exactly (u64 x i64); the sums are checked.
         let mut lo: i128 = self.offset as i128;
         let mut hi: i128 = self.offset as i128 + self.itemsize as i128;
         for (&n, &s) in self.shape.iter().zip(&self.strides) {
             let span = (n as i128 - 1) * s as i128;
-            if span < 0 {
-                lo += span;
-            } else {
-                hi += span;
-            }
+            let side = if span < 0 { &mut lo } else { &mut hi };
+            *side = side.checked_add(span).ok_or_else(bad)?;
         }
         if lo < 0 || hi > block_len as i128 {
             return Err(bad());
@@ -96,72 +90,13 @@ impl ArrayMeta {
         Ok(())
     }
 
+    /// Bytes of the elements (saturating: a layout this large never passes
+    /// [`ArrayMeta::check_bounds`]).
     pub fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.itemsize
-    }
-
-    pub fn encode(&self, handle: &Handle) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(4 + HANDLE_LEN + 16 + self.dtype.len() + 16 * self.shape.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&handle.to_bytes());
-        out.extend_from_slice(&(self.itemsize as u64).to_le_bytes());
-        out.extend_from_slice(&(self.dtype.len() as u16).to_le_bytes());
-        out.extend_from_slice(self.dtype.as_bytes());
-        out.push(self.shape.len() as u8);
-        out.extend_from_slice(&(self.offset as u64).to_le_bytes());
-        for &n in &self.shape {
-            out.extend_from_slice(&(n as u64).to_le_bytes());
-        }
-        for &s in &self.strides {
-            out.extend_from_slice(&(s as i64).to_le_bytes());
-        }
-        out
-    }
-
-    /// Parses an array message into its handle and layout (untrusted input).
-    pub fn decode(b: &[u8]) -> Result<(Handle, ArrayMeta)> {
-        let bad = |what: &str| Error::InvalidHandle(format!("array message {what}"));
-        let mut pos = 0usize;
-        let mut take = |n: usize| -> Result<&[u8]> {
-            let s = b.get(pos..pos + n).ok_or_else(|| bad("is truncated"))?;
-            pos += n;
-            Ok(s)
-        };
-        if take(4)? != MAGIC {
-            return Err(bad("has a bad magic number"));
-        }
-        let handle = Handle::from_bytes(take(HANDLE_LEN)?)?;
-        let itemsize = u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize;
-        let dlen = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
-        let dtype = std::str::from_utf8(take(dlen)?)
-            .map_err(|_| bad("has a non-UTF-8 dtype"))?
-            .to_string();
-        let ndim = take(1)?[0] as usize;
-        if ndim > MAX_NDIM {
-            return Err(bad("has too many dimensions"));
-        }
-        let offset = u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize;
-        let mut shape = Vec::with_capacity(ndim);
-        for _ in 0..ndim {
-            shape.push(u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize);
-        }
-        let mut strides = Vec::with_capacity(ndim);
-        for _ in 0..ndim {
-            strides.push(i64::from_le_bytes(take(8)?.try_into().expect("8")) as isize);
-        }
-        if pos != b.len() {
-            return Err(bad("has trailing bytes"));
-        }
-        let meta = ArrayMeta {
-            dtype,
-            itemsize,
-            shape,
-            strides,
-            offset,
-        };
-        meta.check_bounds(handle.len as usize)?;
-        Ok((handle, meta))
+        self.shape
+            .iter()
+            .try_fold(self.itemsize, |acc, &n| acc.checked_mul(n))
+            .unwrap_or(usize::MAX)
     }
 }
 
@@ -269,24 +204,53 @@ impl SharedArray {
         })
     }
 
-    /// Encodes the array as a message for another process (pins the block
-    /// until the receiver opens it).
+    /// Encodes the array as a message for another process: one table
+    /// entry, no payload. Pins the block (for this process) until the
+    /// receiver opens it.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        Ok(self.meta.encode(&self.block.handle()?))
+        let entry = Entry {
+            handle: self.block.handle()?,
+            layout: self.meta.clone(),
+        };
+        message::encode(&[(entry, message::key_of(self.block.arena()))], &[])
     }
 
     /// Opens an array message made by any process of this user.
     pub fn from_bytes(bytes: &[u8]) -> Result<SharedArray> {
-        let (handle, meta) = ArrayMeta::decode(bytes)?;
-        let block = crate::open(&handle)?;
-        Ok(SharedArray { block, meta })
+        let entry = single_entry(message::decode_any(bytes)?)?;
+        let block = crate::open(&entry.handle)?;
+        Ok(SharedArray {
+            block,
+            meta: entry.layout,
+        })
     }
 
     /// Opens an array message whose block lies in `arena` (when the arena is
     /// not found through `MEMSHARE_DIR`).
     pub fn from_bytes_in(arena: &Arena, bytes: &[u8]) -> Result<SharedArray> {
-        let (handle, meta) = ArrayMeta::decode(bytes)?;
-        let block = arena.open(&handle)?;
-        Ok(SharedArray { block, meta })
+        let entry = single_entry(message::decode_in(arena, bytes)?)?;
+        let block = arena.open(&entry.handle)?;
+        Ok(SharedArray {
+            block,
+            meta: entry.layout,
+        })
     }
+
+    /// Wraps a block opened from a message entry with that entry's layout.
+    pub fn from_entry(block: Block, layout: ArrayMeta) -> Result<SharedArray> {
+        layout.check_bounds(block.len())?;
+        Ok(SharedArray {
+            block,
+            meta: layout,
+        })
+    }
+}
+
+fn single_entry(d: message::Decoded<'_>) -> Result<Entry> {
+    if d.entries.len() != 1 || !d.payload.is_empty() {
+        return Err(Error::InvalidHandle(
+            "message is not a single array (one entry, no payload)".into(),
+        ));
+    }
+    Ok(d.entries.into_iter().next().expect("one entry"))
 }

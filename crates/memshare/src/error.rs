@@ -103,8 +103,9 @@ pub enum Error {
     #[error("memshare: too many processes attached to one arena (at most {max}); use fewer worker processes")]
     TooManyProcesses { max: usize },
 
-    #[error("memshare: too many shared objects in flight (at most {max} pickled handles not yet unpickled); unpickle the handles you send")]
-    TooManyPins { max: usize },
+    /// The pin table (or this process's quota of it) is full.
+    #[error("memshare: too many shared objects in flight: {what}. Receive (unpickle) the objects you send, or end what holds them (a pool call, a queue)")]
+    TooManyPins { what: String },
 
     #[error("memshare: {0}")]
     InvalidArgument(String),

@@ -12,7 +12,8 @@
 //! | SegmentEntry x 4096       |               | payload (64-B aligned)    |
 //! | ProcSlot x 256            |               +---------------------------+
 //! | PinEntry x 65536          |               | BlockHeader | payload ... |
-//! +---------------------------+               +---------------------------+
+//! | LeaseEntry x 4096         |               +---------------------------+
+//! +---------------------------+
 //! ```
 
 use crate::sys::MUTEX_BYTES;
@@ -20,7 +21,7 @@ use crate::sys::MUTEX_BYTES;
 pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"MSHRCTL\0");
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"MSHRSEG\0");
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"MSBK");
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Payloads are aligned to a cache line (and to every numpy dtype).
 pub const ALIGN: u64 = 64;
@@ -51,6 +52,26 @@ pub const BLOCK_OWNS_PINS: u32 = 2;
 pub const BLOCK_HOLES: u32 = 4;
 /// `pin_slot` value in a handle whose pin is owned by a block.
 pub const OWNED_PIN_SLOT: u32 = 0xffff;
+/// End of a pin list (pin indices are u32).
+pub const NO_PIN: u32 = u32::MAX;
+/// Leases (pin owners of one transport call) per arena.
+pub const MAX_LEASES: usize = 4096;
+/// Pins one process may hold for handles in flight (its own and its
+/// leases'): a quarter of the table, so one leaking process cannot starve
+/// the others.
+pub const PIN_QUOTA: u32 = (MAX_PINS / 4) as u32;
+
+/// `PinEntry::kind`: who owns a pin.
+pub const PIN_FREE: u32 = 0;
+/// Owned by process `slot` (epoch `epoch`).
+pub const PIN_PROCESS: u32 = 1;
+/// Owned by lease `lease` (generation `lease_generation`).
+pub const PIN_LEASE: u32 = 2;
+/// Owned by block `owner` (generation `owner_generation`), e.g. a queue.
+pub const PIN_BLOCK: u32 = 3;
+
+pub const LEASE_FREE: u32 = 0;
+pub const LEASE_LIVE: u32 = 1;
 
 /// Where a block's header lives: segment index in the top 16 bits, byte
 /// offset of the header in that segment below. Stored as-is in shared
@@ -131,21 +152,64 @@ pub struct ProcSlot {
     /// earlier occupant is recognised.
     pub epoch: u32,
     pub pid: u32,
+    /// Pins counted against this process's quota (its own and its leases').
+    pub pins: u32,
+    /// Head of the list of pins this process owns.
+    pub pin_head: u32,
     pub _reserved: u32,
 }
 
+/// One pin. Every pin is on exactly one list: its owner's (a process
+/// slot, a lease or a block, doubly linked through `next`/`prev`) or the
+/// free list (through `next`), so releasing an owner walks its own pins only.
 #[repr(C)]
 pub struct PinEntry {
     /// Block pinned by an in-flight handle, `BlockRef::NIL` if the entry is free.
     pub block: BlockRef,
     pub generation: u64,
+    /// `PIN_FREE`, `PIN_PROCESS`, `PIN_LEASE` or `PIN_BLOCK`.
+    pub kind: u32,
+    /// The process whose quota the pin counts against (process and lease
+    /// pins), with its epoch; `OWNED_PIN_SLOT` for block-owned pins.
     pub slot: u32,
     pub epoch: u32,
-    /// A block that owns the pin (a queue holding a message), `BlockRef::NIL` if the
-    /// pin belongs to process `slot` instead. An owned pin lives as long as
-    /// its owner block, whatever happens to the process that made it.
+    /// Names this use of the entry in its handle (entries are reused).
+    pub serial: u32,
+    /// The owner block (`PIN_BLOCK`): an owned pin lives as long as its
+    /// owner block, whatever happens to the process that made it.
     pub owner: BlockRef,
+    /// The owner block's generation (`PIN_BLOCK`), or the owner lease as
+    /// `generation << 32 | index` (`PIN_LEASE`; see [`PinEntry::lease`]).
     pub owner_generation: u64,
+    pub next: u32,
+    pub prev: u32,
+}
+
+impl PinEntry {
+    /// (index, generation) of the owner lease of a `PIN_LEASE` pin.
+    pub fn lease(&self) -> (u32, u32) {
+        (
+            self.owner_generation as u32,
+            (self.owner_generation >> 32) as u32,
+        )
+    }
+}
+
+/// `PinEntry::owner_generation` of a pin owned by lease `index`.
+pub fn lease_tag(index: u32, generation: u32) -> u64 {
+    ((generation as u64) << 32) | index as u64
+}
+
+/// A lease: the owner of the pins of one transport call, itself owned by a
+/// process. Its pins go when the lease is dropped or its process dies.
+#[repr(C)]
+pub struct LeaseEntry {
+    pub state: u32,
+    pub slot: u32,
+    pub epoch: u32,
+    pub generation: u32,
+    pub pin_head: u32,
+    pub _reserved: u32,
 }
 
 #[repr(C)]
@@ -165,8 +229,11 @@ pub struct CtlHeader {
     pub next_generation: u64,
     pub last_reap_ns: u64,
     pub segment_count: u32,
-    pub pin_cursor: u32,
+    /// Head of the free list of pin entries.
+    pub pin_free: u32,
     pub pins_in_use: u64,
+    pub pin_serial: u32,
+    pub lease_generation: u32,
     /// Bytes of backing store all segments hold (the sum of `committed`).
     pub bytes_committed: u64,
     /// Idle free space kept committed for reuse (the warm cache).
@@ -181,6 +248,7 @@ pub struct CtlHeader {
     pub segments: [SegmentEntry; MAX_SEGMENTS],
     pub slots: [ProcSlot; MAX_PROCS],
     pub pins: [PinEntry; MAX_PINS],
+    pub leases: [LeaseEntry; MAX_LEASES],
 }
 
 pub const CTL_SIZE: u64 = std::mem::size_of::<CtlHeader>() as u64;
@@ -210,7 +278,8 @@ pub struct BlockHeader {
     /// In-flight handles pinning this block.
     pub pins: u64,
     pub flags: u32,
-    pub _pad: u32,
+    /// Head of the list of pins this block owns (valid with `BLOCK_OWNS_PINS`).
+    pub pin_head: u32,
     /// Free-list links (valid while FREE).
     pub free_next: BlockRef,
     pub free_prev: BlockRef,
@@ -223,6 +292,7 @@ pub struct BlockHeader {
 }
 
 const _: () = assert!(std::mem::size_of::<SegHeader>() as u64 == SEG_HEADER);
+const _: () = assert!(std::mem::size_of::<PinEntry>() == 56);
 const _: () = assert!(std::mem::size_of::<BlockHeader>() as u64 <= BLOCK_HEADER);
 const _: () = assert!(std::mem::size_of::<SegmentEntry>() == 96);
 const _: () = assert!(BLOCK_HEADER % ALIGN == 0 && SEG_HEADER % ALIGN == 0);

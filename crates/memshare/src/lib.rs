@@ -21,15 +21,17 @@ pub mod array;
 pub mod error;
 pub mod handle;
 pub mod layout;
+pub mod message;
 pub mod queue;
 pub mod sys;
 
 use std::sync::{Mutex, OnceLock};
 
-pub use arena::{release_raw, Arena, Block, PrivateView, Stats};
+pub use arena::{release_raw, Arena, Block, Lease, PrivateView, Stats};
 pub use array::{ArrayMeta, Element, SharedArray};
 pub use error::{Error, Result};
 pub use handle::Handle;
+pub use message::Entry;
 pub use queue::Queue;
 
 /// Environment variable naming the arena that children of this process join.

@@ -53,10 +53,11 @@
 //! Messages up to `inline_size` bytes are copied into the slot; larger ones
 //! into their own arena block whose handle (pinned by the queue block, so it
 //! survives the death of the producer and is freed with the queue) sits in
-//! the slot. With `put_message(.., adopt_handles = true)` the handles that
-//! the message embeds (pickled shared arrays) are re-pinned to the queue
-//! block too, so they are owned by the queue while the message waits and by
-//! the consumer once `get` returns.
+//! the slot. With `put_message(.., adopt_handles = true)` the message is a
+//! [`crate::message`]: the blocks its handle table lists are re-pinned to the
+//! queue block too, so they are owned by the queue while the message waits
+//! and by the consumer once `get` returns. The queue reads that table and
+//! nothing else: it never looks into the payload.
 
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -64,12 +65,13 @@ use std::time::{Duration, Instant};
 use crate::arena::{Arena, Block};
 use crate::array::{ArrayMeta, SharedArray};
 use crate::error::{Error, Result};
-use crate::handle::{Handle, HANDLE_LEN, HANDLE_VERSION};
+use crate::handle::{Handle, HANDLE_LEN};
 use crate::layout::MAX_PROCS;
+use crate::message;
 use crate::sys;
 
 pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"MSHRQUE\0");
-pub const QUEUE_VERSION: u32 = 1;
+pub const QUEUE_VERSION: u32 = 2;
 /// Bytes before the first slot.
 pub const HEADER_SIZE: usize = 320;
 /// Bytes of a slot before its data.
@@ -99,7 +101,7 @@ const KIND_NONE: u32 = 0;
 const KIND_INLINE: u32 = 1;
 const KIND_BLOCK: u32 = 2;
 const KIND_MASK: u32 = 0xff;
-/// The message embeds handles pinned by the queue.
+/// The message is a `crate::message` whose table entries the queue pins.
 const KIND_HANDLES: u32 = 0x100;
 
 /// Packs a slot word. Public for the model tests of the slot protocol.
@@ -219,9 +221,11 @@ const _: () = assert!(std::mem::size_of::<SlotHdr>() == SLOT_HEADER);
 /// A message taken from the queue.
 pub struct Message {
     data: Payload,
-    /// Blocks referenced by handles embedded in the message, opened before
-    /// the slot was released: keep them while decoding the message.
-    keep: Vec<Block>,
+    /// The blocks of the message's handle table with their array layouts,
+    /// opened before the slot was released (this process now holds them).
+    entries: Vec<(Block, ArrayMeta)>,
+    /// Where the payload starts (after the handle table, if any).
+    payload_at: usize,
 }
 
 enum Payload {
@@ -247,20 +251,27 @@ impl Message {
         }
     }
 
-    /// The blocks referenced by the message's embedded handles. Dropping them
-    /// before opening the handles again may free those blocks.
-    pub fn keep(&self) -> &[Block] {
-        &self.keep
+    /// The bytes after the handle table (all of a plain byte message).
+    pub fn payload(&self) -> &[u8] {
+        &self.as_bytes()[self.payload_at..]
     }
 
-    pub fn into_keep(self) -> Vec<Block> {
-        self.keep
+    /// The opened entries of the message's handle table.
+    pub fn entries(&self) -> &[(Block, ArrayMeta)] {
+        &self.entries
+    }
+
+    pub fn into_entries(self) -> Vec<(Block, ArrayMeta)> {
+        self.entries
     }
 }
 
 /// A message ready to be put (see [`Queue::prepare`]).
 pub struct Prepared {
-    embedded: Vec<(usize, Handle, Block)>,
+    /// (offset, block) of each table entry, opened (the sender's pins adopted).
+    embedded: Vec<(usize, Block)>,
+    /// The message has a handle table (put with `adopt_handles`).
+    table: bool,
     big: Option<Block>,
     len: usize,
 }
@@ -512,9 +523,9 @@ impl Queue {
         self.put_message(msg, timeout, false)
     }
 
-    /// Puts a message. With `adopt_handles`, the memshare handles embedded in
-    /// `msg` (pinned by this process, e.g. pickled shared arrays) are pinned
-    /// by the queue instead while the message waits; consumers get them back
+    /// Puts a message. With `adopt_handles`, `msg` is a [`crate::message`]
+    /// whose table entries (pinned by their sender) are pinned by the queue
+    /// instead while the message waits; consumers get them back, opened,
     /// from [`Queue::get_message`].
     pub fn put_message(
         &self,
@@ -528,17 +539,16 @@ impl Queue {
 
     /// The part of a put that may take long or fail, done before a slot is
     /// claimed, holding references of this process (released if it dies):
-    /// opens the embedded handles and copies a large message into a block.
+    /// opens the table's handles and copies a large message into a block.
     /// A [`Prepared`] can be put several times until it succeeds (e.g. a
     /// non-blocking attempt first), but is consumed by one successful put.
     pub fn prepare(&self, msg: &[u8], adopt_handles: bool) -> Result<Prepared> {
         let arena = self.block.arena();
-        let mut embedded: Vec<(usize, Handle, Block)> = Vec::new();
+        let mut embedded: Vec<(usize, Block)> = Vec::new();
         if adopt_handles {
-            for (off, h) in find_handles(msg, arena) {
-                if let Ok(b) = arena.open(&h) {
-                    embedded.push((off, h, b));
-                }
+            let table = message::decode_in(arena, msg)?;
+            for (entry, off) in table.entries.iter().zip(table.offsets) {
+                embedded.push((off, open_in(arena, &entry.handle)?));
             }
         }
         let big = if msg.len() > self.inline {
@@ -551,6 +561,7 @@ impl Queue {
         };
         Ok(Prepared {
             embedded,
+            table: adopt_handles,
             big,
             len: msg.len(),
         })
@@ -590,7 +601,7 @@ impl Queue {
         let (embedded, big) = (&prepared.embedded, &prepared.big);
         let slot = self.slot(pos);
         let data = self.data_ptr(pos);
-        let mut made: Vec<Handle> = Vec::new();
+        let mut made: Vec<(Handle, [u8; 16])> = Vec::new();
         let filled = (|| -> Result<u32> {
             let target = match big {
                 Some(b) => b.as_ptr(),
@@ -601,18 +612,16 @@ impl Queue {
                     data
                 }
             };
-            for (off, h, b) in embedded {
-                let nh = repin(h, b, &self.block)?;
-                // SAFETY: `off + 64 <= msg.len()` (found by `find_handles`)
-                // inside memory we own exclusively (claimed slot or our block).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        nh.to_bytes().as_ptr(),
-                        target.add(*off),
-                        HANDLE_LEN,
-                    )
-                };
-                made.push(nh);
+            for (off, b) in embedded {
+                let (nh, key) = self.repin(b)?;
+                made.push((nh.clone(), key));
+                let len = entry_len(&msg[*off..]);
+                let mut entry = msg[*off..*off + len].to_vec();
+                message::set_handle(&mut entry, 0, &nh, &key)?;
+                // SAFETY: the entry `off..off + len` was decoded from `msg`,
+                // so it lies inside the copy at `target`, memory we own
+                // exclusively (the claimed slot or our fresh block).
+                unsafe { std::ptr::copy_nonoverlapping(entry.as_ptr(), target.add(*off), len) };
             }
             let mut kind = if let Some(b) = big {
                 let h = b.handle_owned_by(&self.block)?;
@@ -623,18 +632,30 @@ impl Queue {
                 slot.len.store(msg.len() as u32, Ordering::Relaxed);
                 KIND_INLINE
             };
-            if !embedded.is_empty() {
+            if prepared.table {
                 kind |= KIND_HANDLES;
             }
             Ok(kind)
         })();
         if filled.is_err() {
             // Release the pins made so far; a tombstone is published.
-            for h in &made {
-                drop(arena.open(h));
+            for (h, _) in &made {
+                drop(open_in(arena, h));
             }
         }
         filled
+    }
+
+    /// A handle of `b` pinned by the queue block (by this process for a
+    /// block of another arena, which the queue cannot own), with the key
+    /// that authenticates its entry.
+    fn repin(&self, b: &Block) -> Result<(Handle, [u8; 16])> {
+        let key = message::key_of(b.arena());
+        if b.arena().token() == self.block.arena().token() {
+            Ok((b.handle_owned_by(&self.block)?, key))
+        } else {
+            Ok((b.handle()?, key))
+        }
     }
 
     /// Puts a shared array (by handle: no copy). A Python consumer receives
@@ -652,7 +673,7 @@ impl Queue {
         Ok(self.get_message(timeout)?.into_vec())
     }
 
-    /// Takes a message with the blocks its embedded handles reference.
+    /// Takes a message with the blocks its handle table lists, opened.
     pub fn get_message(&self, timeout: Option<Duration>) -> Result<Message> {
         get_slot(self, timeout, |pos, kind| self.read(pos, kind))
     }
@@ -682,22 +703,21 @@ impl Queue {
             }
             _ => None,
         };
-        // Open the embedded handles before releasing the slot: from then on
+        // Open the table's handles before releasing the slot: from then on
         // this process's references keep (and, if it dies, free) the data.
         taken.map(|r| {
-            r.map(|data| {
+            r.and_then(|data| {
                 let mut msg = Message {
                     data,
-                    keep: Vec::new(),
+                    entries: Vec::new(),
+                    payload_at: 0,
                 };
                 if kind & KIND_HANDLES != 0 {
-                    let found = find_handles(msg.as_bytes(), arena);
-                    msg.keep = found
-                        .into_iter()
-                        .filter_map(|(_, h)| arena.open(&h).ok())
-                        .collect();
+                    let (entries, payload_at) = open_table(arena, msg.as_bytes())?;
+                    msg.entries = entries;
+                    msg.payload_at = payload_at;
                 }
-                msg
+                Ok(msg)
             })
         })
     }
@@ -705,19 +725,13 @@ impl Queue {
     /// Takes a message that holds an array (see [`Queue::put_array`]).
     pub fn get_array(&self, timeout: Option<Duration>) -> Result<SharedArray> {
         let msg = self.get_message(timeout)?;
-        let bytes = msg.as_bytes();
-        if bytes.get(..4) != Some(b"MSA1") {
+        if msg.entries.len() != 1 || !msg.payload().is_empty() {
             return Err(Error::InvalidArgument(
                 "the message is not an array (was it put by put_array?)".into(),
             ));
         }
-        // The embedded handle's block is kept alive by `msg` while it is
-        // opened again here.
-        let arena = self.block.arena();
-        match ArrayMeta::decode(bytes) {
-            Ok((h, _)) if h.token == arena.token() => SharedArray::from_bytes_in(arena, bytes),
-            _ => SharedArray::from_bytes(bytes),
-        }
+        let (block, layout) = msg.into_entries().pop().expect("one entry");
+        SharedArray::from_entry(block, layout)
     }
 
     // ----- joinable ------------------------------------------------------
@@ -847,9 +861,8 @@ impl SlotMem for Queue {
         let arena = self.block.arena();
         let data = self.data_ptr(pos);
         let release_embedded = |bytes: &[u8]| {
-            for (_, h) in find_handles(bytes, arena) {
-                drop(arena.open(&h));
-            }
+            // Opening adopts the queue's pins; dropping releases them.
+            drop(open_table(arena, bytes));
         };
         match kind & KIND_MASK {
             KIND_INLINE if kind & KIND_HANDLES != 0 => {
@@ -1251,45 +1264,30 @@ pub fn get_slot<M: SlotMem, T>(
 
 /// A new handle for `b` (opened from `h`) whose pin the queue block owns,
 /// keeping `h`'s length and read-only flag.
-fn repin(h: &Handle, b: &Block, owner: &Block) -> Result<Handle> {
-    let nh = b.handle_owned_by(owner)?;
-    Ok(Handle::new(
-        h.token,
-        h.segment,
-        h.offset,
-        h.generation,
-        h.len,
-        nh.pin,
-        nh.pin_slot,
-        nh.pin_epoch,
-        h.readonly,
-        &b.arena().mac_key(),
-    ))
+/// Opens a handle of `arena` there, one of another arena through `MEMSHARE_DIR`.
+fn open_in(arena: &Arena, h: &Handle) -> Result<Block> {
+    if h.token == arena.token() {
+        arena.open(h)
+    } else {
+        crate::open(h)
+    }
 }
 
-/// The handles of `arena` embedded in `bytes` (verified: forged or damaged
-/// bytes are not handles), with their offsets.
-fn find_handles(bytes: &[u8], arena: &Arena) -> Vec<(usize, Handle)> {
-    let token = arena.token();
-    let key = arena.mac_key();
-    let mut out = Vec::new();
-    if bytes.len() < HANDLE_LEN {
-        return out;
+/// The length of the table entry at the start of `entry` (already decoded).
+fn entry_len(entry: &[u8]) -> usize {
+    u32::from_le_bytes(entry[..4].try_into().expect("decoded entry")) as usize
+}
+
+/// Opens every entry of a stored message's table (adopting the queue's pins).
+/// Returns the opened entries and where the payload starts.
+fn open_table(arena: &Arena, bytes: &[u8]) -> Result<(Vec<(Block, ArrayMeta)>, usize)> {
+    let table = message::decode_in(arena, bytes)?;
+    let payload_at = bytes.len() - table.payload.len();
+    let mut out = Vec::with_capacity(table.entries.len());
+    for e in table.entries {
+        out.push((open_in(arena, &e.handle)?, e.layout));
     }
-    let mut i = 0;
-    while i + HANDLE_LEN <= bytes.len() {
-        if bytes[i] == HANDLE_VERSION && bytes[i + 8..i + 24] == token {
-            if let Ok(h) = Handle::from_bytes(&bytes[i..i + HANDLE_LEN]) {
-                if h.verify(&key).is_ok() {
-                    out.push((i, h));
-                    i += HANDLE_LEN;
-                    continue;
-                }
-            }
-        }
-        i += 1;
-    }
-    out
+    Ok((out, payload_at))
 }
 
 #[cfg(test)]

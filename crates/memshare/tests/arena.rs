@@ -255,6 +255,13 @@ fn child_dies_holding() {
     let arena = a.block().arena().clone();
     let _mine = arena.alloc(1 << 20, false).unwrap();
     let _pinned = _mine.handle().unwrap();
+    // A lease of the dying process, with pins: repair releases them too.
+    let lease = arena.lease().unwrap();
+    let _leased = (
+        _mine.handle_leased(&lease).unwrap(),
+        a.block().handle_leased(&lease).unwrap(),
+    );
+    std::mem::forget(lease);
     std::mem::forget(a);
     // SAFETY: abort-like exit without running destructors, like SIGKILL.
     unsafe { libc::_exit(0) };
@@ -454,4 +461,91 @@ fn copy_on_write_views_keep_writes_private() {
     );
     drop(v);
     assert_eq!(arena.stats().unwrap().live_blocks, 0);
+}
+
+#[test]
+fn a_lease_releases_its_pins_when_dropped() {
+    let dir = TestDir::new("lease");
+    let arena = Arena::create(&dir.0).unwrap();
+    let a = arena.alloc(4096, false).unwrap();
+    let b = arena.alloc(4096, false).unwrap();
+    let lease = arena.lease().unwrap();
+    let opened_later = b.handle_leased(&lease).unwrap();
+    for _ in 0..100 {
+        a.handle_leased(&lease).unwrap(); // never opened
+    }
+    let process_pin = a.handle().unwrap();
+    drop((a, b));
+    let s = arena.stats().unwrap();
+    assert_eq!((s.pins, s.live_blocks), (102, 2), "pins keep both blocks");
+    let b = arena.open(&opened_later).unwrap(); // adopts one lease pin
+    drop(lease);
+    let s = arena.stats().unwrap();
+    assert_eq!(
+        (s.pins, s.live_blocks),
+        (1, 2),
+        "only the process pin is left"
+    );
+    drop(arena.open(&process_pin).unwrap());
+    drop(b);
+    let s = arena.stats().unwrap();
+    assert_eq!((s.pins, s.live_blocks), (0, 0));
+    // A handle of an ended lease is stale, not a crash.
+    let c = arena.alloc(64, false).unwrap();
+    let lease = arena.lease().unwrap();
+    let h = c.handle_leased(&lease).unwrap();
+    drop(lease);
+    drop(c);
+    assert!(matches!(arena.open(&h), Err(Error::StaleHandle(_))));
+}
+
+/// Child half of `one_process_cannot_starve_the_others`: pins its whole
+/// quota without sending anything, then dies.
+#[test]
+fn child_leaks_pins() {
+    let Ok(msg) = std::env::var("MEMSHARE_TEST_LEAK") else {
+        return;
+    };
+    let a = SharedArray::from_bytes(&from_hex(&msg)).unwrap();
+    for _ in 0..memshare::layout::PIN_QUOTA {
+        a.block().handle().unwrap();
+    }
+    let err = a.block().handle().unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::TooManyPins { .. }), "{text}");
+    assert!(
+        text.contains("quota") && text.contains("never received"),
+        "{text}"
+    );
+    std::mem::forget(a);
+    // SAFETY: exit without destructors, like SIGKILL.
+    unsafe { libc::_exit(0) };
+}
+
+#[test]
+fn one_process_cannot_starve_the_others() {
+    let dir = TestDir::new("quota");
+    let arena = Arena::create(&dir.0).unwrap();
+    let a = SharedArray::zeros::<f64>(&arena, &[16]).unwrap();
+    let msg = to_hex(&a.to_bytes().unwrap());
+    assert!(run_child(
+        "child_leaks_pins",
+        &dir,
+        ("MEMSHARE_TEST_LEAK", msg)
+    ));
+    let quota = memshare::layout::PIN_QUOTA as u64;
+    assert_eq!(
+        arena.stats().unwrap().pins,
+        quota,
+        "the child's leaked pins"
+    );
+    // This process still pins and sends (its own quota is untouched).
+    let h = a.block().handle().unwrap();
+    drop(arena.open(&h).unwrap());
+    assert!(arena.reap().unwrap());
+    assert_eq!(
+        arena.stats().unwrap().pins,
+        0,
+        "the dead child's pins are gone"
+    );
 }

@@ -141,4 +141,6 @@ class _CallPickler(_callables.Pickler):
             return self._state.reduce_array(obj)
         if type(obj).__module__.partition(".")[0] in _FRAME_PACKAGES:
             return self._state.reduce_frame(obj)
-        return super().reducer_override(obj)
+        if isinstance(obj, _callables.Pickler.CALLABLES):
+            return super().reducer_override(obj)
+        return NotImplemented

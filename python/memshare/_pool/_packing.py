@@ -52,12 +52,14 @@ class _ResultPickler(_callables.Pickler):
                 _encode_dtype(obj.dtype), obj.dtype.itemsize, obj.shape, obj.strides, offset
             )
             return (_rebuild, (message,))
-        if isinstance(obj, (types.FunctionType, type)) and obj.__module__ != "__main__":
-            # The stdlib's way: by reference, or a PicklingError that fails
-            # the call with MaybeEncodingError (a lambda made by a task of an
-            # importable module); by value is for __main__'s (a notebook's).
-            return NotImplemented
-        return super().reducer_override(obj)
+        if isinstance(obj, _callables.Pickler.CALLABLES):
+            if obj.__module__ != "__main__":
+                # The stdlib's way: by reference, or a PicklingError that fails
+                # the call with MaybeEncodingError (a lambda made by a task of an
+                # importable module); by value is for __main__'s (a notebook's).
+                return NotImplemented
+            return super().reducer_override(obj)
+        return NotImplemented
 
 
 class _Packed:

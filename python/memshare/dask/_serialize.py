@@ -12,10 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _native
-from .._array import SharedArray, _array_message, _block_of, _rebuild, share_array
-from .._array import dumps as _dumps
-from .._array import loads as _loads
+from .. import _native, _sharing
+from .._array import SharedArray, share_array
 
 __all__ = ["counters", "dumps", "loads", "new_lease"]
 
@@ -28,22 +26,22 @@ _VIEW = b"R"  # a plain array: arrives as a read-only view of the same memory
 _PICKLED = b"P"  # anything else: memshare's pickle (frames, containers)
 
 
-def new_lease() -> _native.Block:
+def new_lease() -> _native.Lease:
     """A pin owner: pins made for it are released when it is dropped."""
-    return _native.alloc(1)
+    return _sharing.Lease()
 
 
-def dumps(obj: Any, lease: _native.Block) -> bytes:
+def dumps(obj: Any, lease: _native.Lease) -> bytes:
     """One frame that carries ``obj`` by handle (sharing its data once if needed)."""
     if isinstance(obj, np.ndarray):
         kind = _SHARED if isinstance(obj, SharedArray) else _VIEW
-        if _block_of(obj) is None:
+        if _sharing.entry_of(obj) is None:
             counters["shared_on_the_way"] += 1
-        message = _array_message(share_array(obj), lease)
-        if message is None:  # pragma: no cover - share_array always shares
+        entry = _sharing.entry_of(share_array(obj))
+        if entry is None:  # pragma: no cover - share_array always shares
             raise TypeError("memshare: array could not be shared")
-        return kind + message
-    return _PICKLED + _dumps(obj, pin_owner=lease)
+        return kind + _native.encode_message([entry], b"", lease)
+    return _PICKLED + _sharing.encode(obj, lease=lease)
 
 
 def loads(frame: Any) -> Any:
@@ -51,11 +49,11 @@ def loads(frame: Any) -> Any:
     data = bytes(frame)
     kind, body = data[:1], data[1:]
     if kind == _VIEW:
-        arr = _rebuild(body).view(np.ndarray)
+        arr = _sharing._rebuild_transported(body).view(np.ndarray)
         arr.flags.writeable = False
         return arr
     if kind == _SHARED:
-        return _rebuild(body)
+        return _sharing._rebuild_transported(body)
     if kind == _PICKLED:
-        return _loads(body)
+        return _sharing.loads(body)
     raise _native.HandleError("memshare.dask: not a memshare frame")

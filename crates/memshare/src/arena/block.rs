@@ -1,6 +1,7 @@
 //! `Block`, one counted reference of this process to a block of shared
 //! memory, and `PrivateView`, a copy-on-write view of one.
 
+use super::pins::{Lease, PinOwner};
 use super::Arena;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
@@ -57,7 +58,18 @@ impl Block {
     /// A handle that another process can open. The block stays alive while the
     /// handle is in flight: the receiver adopts the pin when it opens it.
     pub fn handle(&self) -> Result<Handle> {
-        self.make_handle(None)
+        self.make_handle(PinOwner::Process)
+    }
+
+    /// A handle whose pin belongs to `lease`: released when the receiver
+    /// opens it, when the lease is dropped, or when its process dies.
+    pub fn handle_leased(&self, lease: &Lease) -> Result<Handle> {
+        if lease.arena().token() != self.arena.token() {
+            return Err(Error::InvalidArgument(
+                "the lease belongs to another arena".into(),
+            ));
+        }
+        self.make_handle(lease.owner())
     }
 
     /// A handle whose pin belongs to `owner` (for example a queue the handle
@@ -69,10 +81,13 @@ impl Block {
                 "owner block belongs to another arena".into(),
             ));
         }
-        self.make_handle(Some((owner.bref, owner.generation)))
+        self.make_handle(PinOwner::Block {
+            block: owner.bref,
+            generation: owner.generation,
+        })
     }
 
-    fn make_handle(&self, owner: Option<(BlockRef, u64)>) -> Result<Handle> {
+    fn make_handle(&self, owner: PinOwner) -> Result<Handle> {
         let (pin, slot, epoch) = self.arena.pin(self.bref, self.generation, owner)?;
         Ok(Handle::new(
             self.arena.token(),

@@ -45,6 +45,7 @@ pub use block::{release_raw, Block, PrivateView};
 pub use decay::{pause_for_fork, resume_after_fork, DECAY_NS};
 pub use fork::reserve_fork_slots;
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
+pub use pins::Lease;
 pub use prefault::{huge_pages, populate_idle, populated_bytes, HugePages, POPULATE_MIN};
 pub use slots::SlotInfo;
 pub use txn::{lock_acquisitions, with_deadline};
@@ -111,9 +112,21 @@ impl Arena {
         ctl.limit = limit;
         ctl.retain = retain;
         ctl.bins = [BlockRef::NIL; NBINS];
-        for p in ctl.pins.iter_mut() {
+        // Every pin entry is free, on the free list in index order.
+        for (i, p) in ctl.pins.iter_mut().enumerate() {
             p.block = BlockRef::NIL;
             p.owner = BlockRef::NIL;
+            p.kind = PIN_FREE;
+            p.prev = NO_PIN;
+            p.next = if i + 1 < MAX_PINS {
+                i as u32 + 1
+            } else {
+                NO_PIN
+            };
+        }
+        ctl.pin_free = 0;
+        for s in ctl.slots.iter_mut() {
+            s.pin_head = NO_PIN;
         }
         // SAFETY: the mutex field is inside the mapping and 64-byte aligned.
         let mutex = unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!(ctl.mutex).cast()) };
@@ -124,6 +137,8 @@ impl Arena {
             state: SLOT_ALIVE,
             epoch,
             pid: sys::pid(),
+            pins: 0,
+            pin_head: NO_PIN,
             _reserved: 0,
         };
         if !sys::ofd_lock(&fd, slots::slot_lock_offset(slot), 1, false)? {
@@ -338,15 +353,6 @@ impl Arena {
             capacity: size as usize,
             readonly: flags & BLOCK_READONLY != 0,
         })
-    }
-
-    pub(super) fn pin(
-        &self,
-        bref: BlockRef,
-        generation: u64,
-        owner: Option<(BlockRef, u64)>,
-    ) -> Result<(u32, u32, u32)> {
-        self.with_txn(|txn| txn.pin(bref, generation, owner))
     }
 
     /// Every arena this process is attached to.

@@ -27,22 +27,28 @@ impl Txn<'_> {
     /// blocks, merges free neighbours and rebuilds the bins and statistics.
     pub(super) fn repair(&mut self) -> Result<()> {
         let mut dead = [0u64; HOLDER_WORDS];
+        let mut dead_epochs: Vec<(u32, u32)> = Vec::new();
         for s in 0..MAX_PROCS as u32 {
             let slot = &self.ctl.slots[s as usize];
             if slot.state == SLOT_ALIVE && !self.slot_alive(s) {
                 dead[s as usize / 64] |= 1 << (s % 64);
-                let slot = &mut self.ctl.slots[s as usize];
-                // Pins of a crashed process die with it (its epoch ends here).
-                let epoch = slot.epoch;
-                slot.state = SLOT_FREE;
-                for p in self.ctl.pins.iter_mut() {
-                    if !p.block.is_nil() && p.slot == s && p.epoch == epoch {
-                        p.block = BlockRef::NIL;
-                    }
-                }
+                // Pins and leases of a crashed process die with it (its
+                // epoch ends here).
+                dead_epochs.push((s, slot.epoch));
+                self.ctl.slots[s as usize].state = SLOT_FREE;
             }
         }
-        // Pass 1: clear dead holders and pin counts everywhere.
+        for l in self.ctl.leases.iter_mut() {
+            if l.state == LEASE_LIVE && dead_epochs.contains(&(l.slot, l.epoch)) {
+                l.state = LEASE_FREE;
+            }
+            l.pin_head = NO_PIN;
+        }
+        for s in self.ctl.slots.iter_mut() {
+            s.pins = 0;
+            s.pin_head = NO_PIN;
+        }
+        // Pass 1: clear dead holders, pin counts and pin lists everywhere.
         let segs = self.ctl.segment_count;
         for seg in 0..segs {
             let mut r = BlockRef::new(seg, SEG_HEADER);
@@ -58,6 +64,7 @@ impl Txn<'_> {
                     *w &= !d;
                 }
                 h.pins = 0;
+                h.pin_head = NO_PIN;
                 let size = h.size;
                 match self.next_of(r, size) {
                     Some(n) => r = n,
@@ -65,35 +72,58 @@ impl Txn<'_> {
                 }
             }
         }
-        // Pass 2: recount pins from the pin table.
+        // Pass 2: keep the valid pins of the table, recount them and link
+        // each onto its owner's list again; the rest go to the free list.
         let mut pins_in_use = 0;
         for i in 0..MAX_PINS {
             let p = &self.ctl.pins[i];
-            if p.block.is_nil() {
+            if p.kind == PIN_FREE {
                 continue;
             }
-            let (r, generation, owner, owner_generation) =
-                (p.block, p.generation, p.owner, p.owner_generation);
-            let ok = r.segment() < segs
-                && {
-                    let h = self.hdr(r)?;
-                    h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
+            let (r, generation, kind, owner, owner_generation) =
+                (p.block, p.generation, p.kind, p.owner, p.owner_generation);
+            let owner_ok = match kind {
+                PIN_PROCESS => !dead_epochs.contains(&(p.slot, p.epoch)),
+                PIN_LEASE => {
+                    let (index, generation) = p.lease();
+                    self.ctl
+                        .leases
+                        .get(index as usize)
+                        .is_some_and(|l| l.state == LEASE_LIVE && l.generation == generation)
                 }
-                && (owner.is_nil()
-                    || owner.segment() < segs && {
+                PIN_BLOCK => {
+                    !owner.is_nil() && owner.segment() < segs && {
                         let oh = self.hdr(owner)?;
                         oh.magic == BLOCK_MAGIC
                             && oh.state == BLOCK_LIVE
                             && oh.generation == owner_generation
-                    });
-            if ok {
-                self.hdr(r)?.pins += 1;
-                pins_in_use += 1;
-            } else {
-                self.ctl.pins[i].block = BlockRef::NIL;
+                    }
+                }
+                _ => false,
+            };
+            let ok = owner_ok && !r.is_nil() && r.segment() < segs && {
+                let h = self.hdr(r)?;
+                h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
+            };
+            if !ok {
+                self.ctl.pins[i].kind = PIN_FREE;
+                continue;
             }
+            if kind == PIN_BLOCK {
+                let oh = self.hdr(owner)?;
+                if oh.flags & BLOCK_OWNS_PINS == 0 {
+                    oh.flags |= BLOCK_OWNS_PINS;
+                }
+            }
+            self.link_pin(i as u32)?;
+            if let Some(s) = self.quota_slot(i) {
+                self.ctl.slots[s].pins += 1;
+            }
+            self.hdr(r)?.pins += 1;
+            pins_in_use += 1;
         }
         self.ctl.pins_in_use = pins_in_use;
+        self.rebuild_free_pins();
         // Pass 2b: a block about to be freed (its last holder died) releases
         // the pins it owns, as `free_block` does, transitively (a dropped
         // queue frees the messages still inside it).
@@ -101,15 +131,11 @@ impl Txn<'_> {
             let mut changed = false;
             for i in 0..MAX_PINS {
                 let p = &self.ctl.pins[i];
-                if p.block.is_nil() || p.owner.is_nil() {
+                if p.kind != PIN_BLOCK {
                     continue;
                 }
-                let (target, owner) = (p.block, p.owner);
-                if self.unreferenced(owner)? {
-                    self.ctl.pins[i].block = BlockRef::NIL;
-                    self.ctl.pins_in_use -= 1;
-                    let th = self.hdr(target)?;
-                    th.pins = th.pins.saturating_sub(1);
+                if self.unreferenced(p.owner)? {
+                    self.unpin(i as u32)?;
                     changed = true;
                 }
             }

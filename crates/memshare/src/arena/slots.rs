@@ -47,6 +47,10 @@ impl Txn<'_> {
                 slot.state = SLOT_ALIVE;
                 slot.epoch = slot.epoch.wrapping_add(1);
                 slot.pid = sys::pid();
+                // Pins of an earlier occupant that exited stay valid on
+                // lists of their own; the new process starts empty.
+                slot.pins = 0;
+                slot.pin_head = NO_PIN;
                 return Ok((s as u32, slot.epoch));
             }
         }
@@ -87,6 +91,7 @@ impl Inner {
             for (r, generation) in refs {
                 txn.drop_holder(r, generation)?;
             }
+            txn.end_leases_of_this_process()?;
             if let Some(s) = txn.ctl.slots.get_mut(slot as usize) {
                 s.state = SLOT_FREE;
             }

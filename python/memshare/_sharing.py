@@ -1,0 +1,403 @@
+"""The sharing rule: what travels by handle, when, pinned by whom, and how it
+is rebuilt. Every pickling path of memshare goes through this module.
+
+* **Transports carry handles.** multiprocessing's ``ForkingPickler`` (so the
+  stdlib ``Pool``, ``Queue``, ``Pipe`` and ``concurrent.futures``) sends an
+  array whose data lies in shared memory as a one-entry message
+  (:func:`reduce_for_transport`), pinned by the sending process.
+  memshare's Pool, Executor and Queue pickle with :class:`Pickler`: arrays
+  and large out-of-band buffers go into the message's handle table through
+  pickle's ``persistent_id``, and arrays or buffers of at least
+  ``share_threshold`` bytes that are not shared yet are copied into shared
+  memory on the way. Their pins belong to a :class:`Lease` (a pool call) or
+  to the sending process, and move to the queue while a message waits there.
+* **Every other pickling keeps the data.** ``SharedArray.__reduce_ex__``
+  pickles by value (see ``_array``): protocol 5 with a ``buffer_callback``
+  hands out the shared pages themselves, and what loads is a plain numpy
+  array in private memory. Nothing is pinned.
+* **Explicit handles** for users' own channels: :func:`dumps` /
+  :func:`loads`, pinned by the sending process.
+
+The dtype travels in the table entry (covered by its MAC) in a small
+explicit codec (:func:`encode_dtype`); decoding never evaluates text.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import pickle
+import re
+from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from ._errors import HandleError
+
+__all__ = [
+    "DEFAULT_SHARE_THRESHOLD",
+    "Lease",
+    "Pickler",
+    "decode_dtype",
+    "dumps",
+    "encode_dtype",
+    "loads",
+    "loads_message",
+    "reduce_for_transport",
+]
+
+#: The one default for "large enough to copy into shared memory on the way"
+#: (Pool, Executor, Queue, :func:`dumps` and the allocator hook).
+DEFAULT_SHARE_THRESHOLD = 1 << 20
+
+#: The owner of the pins of one transport call (see ``_native.Lease``).
+Lease = _native.Lease
+
+#: A table entry as the bindings take it:
+#: (block, dtype code, itemsize, shape, strides, offset).
+Entry = tuple
+
+# --- the dtype codec ----------------------------------------------------------
+
+# A plain dtype is numpy's own ``dtype.str`` ("<f8", "|b1", "<M8[10us]", "<U5").
+_SIMPLE = re.compile(r"[<>|][a-zA-Z][0-9]{0,9}(\[[0-9]{0,9}[a-zA-Z]{1,3}\])?")
+_MAX_DEPTH = 8
+
+
+def encode_dtype(dt: np.dtype) -> str | None:
+    """The description of ``dt`` carried in a message, or None if it cannot
+    travel by handle (object fields, titles): such arrays go by value."""
+    if dt.hasobject:
+        return None
+    try:
+        node = _dtype_node(dt, 0)
+    except ValueError:
+        return None
+    return node if isinstance(node, str) else json.dumps(node, separators=(",", ":"))
+
+
+def _dtype_node(dt: np.dtype, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ValueError("dtype nests too deeply")
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        return {"b": _dtype_node(base, depth + 1), "s": list(shape)}
+    if dt.fields is None:
+        if not _SIMPLE.fullmatch(dt.str) or np.dtype(dt.str) != dt:
+            raise ValueError("dtype has no plain description")
+        return dt.str
+    names = list(dt.names)
+    fields = [dt.fields[n] for n in names]
+    if any(len(f) > 2 for f in fields):
+        raise ValueError("titled fields do not travel by handle")
+    # Short keys (names, formats, offsets, itemsize): messages stay small.
+    return {
+        "n": names,
+        "f": [_dtype_node(f[0], depth + 1) for f in fields],
+        "o": [int(f[1]) for f in fields],
+        "i": dt.itemsize,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def decode_dtype(code: str, itemsize: int) -> np.dtype:
+    """The dtype of a received entry. Any description that is not one
+    :func:`encode_dtype` makes, or that disagrees with ``itemsize``, raises
+    :class:`HandleError`; object dtypes are refused (they would turn shared
+    bytes into pointers). Cached: every array received decodes one, and a
+    program sends few dtypes."""
+    try:
+        if code.startswith("{"):
+            dt = _node_dtype(json.loads(code), 0)
+        elif _SIMPLE.fullmatch(code):
+            dt = np.dtype(code)
+        else:
+            raise ValueError("not a dtype description")
+    except (ValueError, TypeError, KeyError, RecursionError, OverflowError, MemoryError) as e:
+        raise HandleError(f"memshare: message has a bad dtype description: {e}") from None
+    if dt.hasobject:
+        raise HandleError("memshare: message describes an object dtype; refusing it")
+    if dt.itemsize != itemsize:
+        raise HandleError("memshare: message dtype does not match its item size")
+    return dt
+
+
+def _ints(v: Any, what: str) -> list[int]:
+    if not isinstance(v, list) or not all(type(i) is int and i >= 0 for i in v):
+        raise ValueError(f"{what} must be a list of non-negative ints")
+    return v
+
+
+def _node_dtype(node: Any, depth: int) -> np.dtype:
+    if depth > _MAX_DEPTH:
+        raise ValueError("dtype nests too deeply")
+    if isinstance(node, str):
+        if not _SIMPLE.fullmatch(node):
+            raise ValueError("not a plain dtype")
+        return np.dtype(node)
+    if not isinstance(node, dict):
+        raise ValueError("dtype node must be a string or an object")
+    if set(node) == {"b", "s"}:
+        shape = tuple(_ints(node["s"], "shape"))
+        if len(shape) > 32:
+            raise ValueError("subarray has too many dimensions")
+        return np.dtype((_node_dtype(node["b"], depth + 1), shape))
+    if set(node) != {"n", "f", "o", "i"}:
+        raise ValueError("unknown dtype fields")
+    names, formats = node["n"], node["f"]
+    offsets = _ints(node["o"], "offsets")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("names must be strings")
+    if not isinstance(formats, list) or not len(names) == len(formats) == len(offsets):
+        raise ValueError("names, formats and offsets differ in length")
+    itemsize = node["i"]
+    if type(itemsize) is not int or itemsize < 0:
+        raise ValueError("itemsize must be a non-negative int")
+    return np.dtype(
+        {
+            "names": names,
+            "formats": [_node_dtype(f, depth + 1) for f in formats],
+            "offsets": offsets,
+            "itemsize": itemsize,
+        }
+    )
+
+
+# --- arrays and table entries ---------------------------------------------------
+
+
+def entry_of(arr: np.ndarray) -> Entry | None:
+    """The table entry for ``arr`` if its data lies in shared memory and its
+    dtype can travel, else None."""
+    from ._array import _block_of
+
+    code = encode_dtype(arr.dtype)
+    if code is None:
+        return None
+    found = _block_of(arr)
+    if found is None:
+        return None
+    block, offset = found
+    return (block, code, arr.dtype.itemsize, arr.shape, arr.strides, offset)
+
+
+def rebuild_entry(entry: Entry, private: bool = False) -> np.ndarray:
+    """The array an opened entry describes: a SharedArray over the block, or
+    with ``private`` a plain array over a copy-on-write mapping of it (the
+    semantics of an argument pickled by value; only written pages are
+    copied)."""
+    from ._array import SharedArray
+
+    block, code, itemsize, shape, strides, offset = entry
+    dt = decode_dtype(code, itemsize)
+    if private:
+        return np.ndarray(
+            tuple(shape), dt, buffer=block.copy_on_write(), offset=offset, strides=tuple(strides)
+        )
+    return np.ndarray.__new__(
+        SharedArray, tuple(shape), dt, buffer=block, offset=offset, strides=tuple(strides)
+    )
+
+
+def _share_copy(arr: np.ndarray) -> np.ndarray:
+    from ._array import share_array
+
+    return share_array(arr)
+
+
+# --- ForkingPickler: one-entry messages, pinned by this process -------------------
+
+
+def reduce_for_transport(arr: np.ndarray) -> Any:
+    """ForkingPickler reducer of numpy arrays: shared data goes as a
+    one-entry message (the receiver maps the same memory), the rest by value."""
+    from ._array import _rebuild  # a short global name: messages stay small
+
+    entry = entry_of(arr)
+    if entry is None:
+        return arr.view(np.ndarray).__reduce_ex__(4)
+    return (_rebuild, (_native.encode_message([entry], b""),))
+
+
+def _rebuild_transported(message: bytes) -> np.ndarray:
+    entries, payload = _native.decode_message(message)
+    if len(entries) != 1 or payload:
+        raise HandleError("memshare: not a single-array message")
+    return rebuild_entry(entries[0])
+
+
+# --- memshare's transports: a pickle over a handle table ------------------------
+
+#: Extra reducers (type -> reduce function) for memshare's pickler, filled in
+#: by the DataFrame/Arrow/polars support.
+extra_reducers: dict[type, Callable[[Any], Any]] = {}
+
+#: ``share(arr) -> (array to send, private)`` or None to pickle ``arr`` by value.
+ShareFn = Callable[[np.ndarray], "tuple[np.ndarray, bool] | None"]
+
+
+def default_share(threshold: int | None) -> ShareFn:
+    """Shared arrays go as they are; private ones of at least ``threshold``
+    bytes are copied into shared memory once (None: never)."""
+
+    def share(arr: np.ndarray) -> tuple[np.ndarray, bool] | None:
+        if entry_of(arr) is not None:
+            return arr, False
+        if threshold is not None and arr.nbytes >= threshold and encode_dtype(arr.dtype):
+            return _share_copy(arr), False
+        return None
+
+    return share
+
+
+class _TableMixin:
+    """``persistent_id`` over a handle table: arrays (and large pickle-5
+    buffers) become entries; everything else is pickled as usual."""
+
+    def _init_table(self, share: ShareFn, threshold: int | None) -> None:
+        self.entries: list[Entry] = []
+        self._share = share
+        self._threshold = threshold
+        self._memo: dict[int, tuple] = {}
+        self._keep: list[Any] = []  # objects whose id() is in the memo
+
+    def persistent_id(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is pickle.PickleBuffer:
+            return self._buffer_id(obj)
+        if not isinstance(obj, np.ndarray) or obj.dtype.hasobject:
+            return None
+        pid = self._memo.get(id(obj))
+        if pid is not None:
+            return pid
+        picked = self._share(obj)
+        if picked is None:
+            return None
+        arr, private = picked
+        entry = entry_of(arr)
+        if entry is None:  # pragma: no cover - share() returns shared arrays
+            return None
+        self.entries.append(entry)
+        pid = ("a", len(self.entries) - 1, private)
+        self._memo[id(obj)] = pid
+        self._keep.append(obj)
+        return pid
+
+    def _buffer_id(self, pb: pickle.PickleBuffer) -> Any:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: pickled in-band
+            return None
+        arr = np.frombuffer(raw, dtype=np.uint8)
+        entry = entry_of(arr)
+        if entry is None:
+            if self._threshold is None or raw.nbytes < self._threshold:
+                return None
+            entry = entry_of(_share_copy(arr))
+        self.entries.append(entry)
+        return ("b", len(self.entries) - 1, raw.readonly)
+
+    def reducer_override(self, obj: Any) -> Any:
+        reducer = extra_reducers.get(type(obj))
+        if reducer is not None:
+            return reducer(obj)
+        return NotImplemented
+
+
+class Pickler(_TableMixin, pickle.Pickler):
+    """memshare's pickler: builds the payload of a message whose handle table
+    is :attr:`entries` (see :func:`dumps`)."""
+
+    def __init__(self, file: io.BytesIO, share: ShareFn, threshold: int | None):
+        super().__init__(file, protocol=5)
+        self._init_table(share, threshold)
+
+
+class TransportPickler(_TableMixin, ForkingPickler):
+    """:class:`Pickler` over ``ForkingPickler``, so every reducer registered
+    with multiprocessing applies too (pool arguments and results)."""
+
+    def __init__(self, file: io.BytesIO, share: ShareFn, threshold: int | None):
+        ForkingPickler.__init__(self, file, 5)
+        self._init_table(share, threshold)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, entries: list[Entry]):
+        super().__init__(file)
+        self._entries = entries
+        self._built: dict[int, Any] = {}
+
+    def persistent_load(self, pid: Any) -> Any:
+        try:
+            kind, i, flag = pid
+            built = self._built.get(i)
+            if built is not None:
+                return built
+            entry = self._entries[i]
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise HandleError("memshare: message payload names no table entry") from None
+        if kind == "a":
+            built = rebuild_entry(entry, private=bool(flag))
+        elif kind == "b":
+            block, offset, nbytes = entry[0], entry[5], entry[3][0]
+            mv = memoryview(block)[offset : offset + nbytes]
+            built = pickle.PickleBuffer(mv.toreadonly() if flag else mv)
+        else:
+            raise HandleError("memshare: message payload names no table entry")
+        self._built[i] = built
+        return built
+
+
+def encode(
+    obj: Any,
+    *,
+    lease: Any = None,
+    share: ShareFn | None = None,
+    threshold: int | None = DEFAULT_SHARE_THRESHOLD,
+    transport: bool = False,
+) -> bytes:
+    """A message for ``obj``: its arrays in the handle table (pinned by
+    ``lease`` or this process), the rest pickled into the payload."""
+    f = io.BytesIO()
+    cls = TransportPickler if transport else Pickler
+    p = cls(f, share or default_share(threshold), threshold)
+    p.dump(obj)
+    return _native.encode_message(p.entries, f.getvalue(), lease)
+
+
+def loads_message(entries: list[Entry], payload: bytes) -> Any:
+    """Unpickles the payload of a message whose entries are open."""
+    return _Unpickler(io.BytesIO(payload), entries).load()
+
+
+def dumps(obj: Any, threshold: int | None = DEFAULT_SHARE_THRESHOLD) -> bytes:
+    """Pickles ``obj`` for another process of this user, shared data by handle.
+
+    Arrays in shared memory, and arrays or pickle-5 buffers of at least
+    ``threshold`` bytes (copied into shared memory once), travel as handles
+    in the message's table; the rest is an ordinary pickle. Use it for your
+    own channels (a socket, ZeroMQ, Redis, a file on this machine).
+
+    Lifetime: the handles are pinned by this process. :func:`loads` in any
+    process adopts the pins (and can be called once per message); a message
+    that is never loaded holds its memory until this process exits, never
+    longer. Loading after the data is gone raises :class:`StaleHandleError`.
+    """
+    return encode(obj, threshold=threshold)
+
+
+def loads(data: bytes) -> Any:
+    """Inverse of :func:`dumps`: maps the same shared memory in this process.
+
+    Raises:
+        HandleError: ``data`` is not a memshare message (or was damaged).
+        StaleHandleError: the data was freed (its sender exited, or the
+            message was loaded already and nobody holds the data).
+    """
+    entries, payload = _native.decode_message(bytes(data))
+    return loads_message(entries, payload)
