@@ -8,6 +8,8 @@ import gc
 import multiprocessing as mp
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +132,50 @@ def test_huge_page_advice_falls_back_to_small_pages(monkeypatch, policy):
             p.join(TIMEOUT)
     assert p.exitcode == 0
     assert total == 3.0 * n
+
+
+# --- switches: a value that means nothing is an error, never silently ignored ----
+
+SWITCH_PROBE = (
+    "import numpy as np, memshare as ms\n"
+    "try:\n"
+    "    ms.share(np.ones(1000))\n"
+    "    print('ok')\n"
+    "except ValueError as e:\n"
+    "    print('ValueError', e)\n"
+)
+
+
+def _run_with(env_extra: dict[str, str]) -> str:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("MEMSHARE_") or k == "MEMSHARE_DIR"
+    }
+    env.update(env_extra)
+    out = subprocess.run(
+        [sys.executable, "-c", SWITCH_PROBE], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("MEMSHARE_HUGEPAGES", "always", "auto"),
+        ("MEMSHARE_HUGEPAGES", "yes", "never"),
+        ("MEMSHARE_POPULATE", "yes", "1"),
+        ("MEMSHARE_POPULATE", "2", "0"),
+    ],
+)
+def test_bad_switch_values_are_value_errors_naming_the_variable(name, value, accepted):
+    out = _run_with({name: value})
+    assert out.startswith("ValueError"), out
+    assert name in out and accepted in out, out
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("MEMSHARE_HUGEPAGES", "never"), ("MEMSHARE_HUGEPAGES", ""), ("MEMSHARE_POPULATE", "1")],
+)
+def test_good_switch_values_are_taken(name, value):
+    assert _run_with({name: value}) == "ok"

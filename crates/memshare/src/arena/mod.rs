@@ -82,6 +82,7 @@ impl Arena {
     pub fn create(dir: &Path) -> Result<Arena> {
         let limit = naming::limit_from_env()?;
         let retain = naming::retain_from_env()?;
+        prefault::check_env()?;
         sys::check_dir(dir)?;
         let mut token = [0u8; 16];
         let mut mac_key = [0u8; 16];
@@ -193,6 +194,7 @@ impl Arena {
                 }
             }
         }
+        prefault::check_env()?;
         sys::check_dir(dir)?;
         let path = ctl_path(dir, &token);
         let fd = sys::open_file(&path)?;

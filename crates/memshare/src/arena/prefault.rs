@@ -29,6 +29,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::error::{Error, Result};
 use crate::sys::Mapping;
 
 /// Blocks at least this large are populated ahead of use (smaller ones fault
@@ -68,10 +69,43 @@ pub fn huge_pages() -> HugePages {
     })
 }
 
+/// The `MEMSHARE_POPULATE` switch: unset, empty or `0` is off, `1` is on.
+fn parse_populate(value: Option<&str>) -> Option<bool> {
+    match value.map(str::trim) {
+        None | Some("") | Some("0") => Some(false),
+        Some("1") => Some(true),
+        Some(_) => None,
+    }
+}
+
+/// Refuses values of `MEMSHARE_HUGEPAGES` and `MEMSHARE_POPULATE` that mean
+/// nothing, with an error naming the variable and what it accepts (checked
+/// when a process creates or attaches an arena, so a typo is never silent).
+pub fn check_env() -> Result<()> {
+    let huge = std::env::var("MEMSHARE_HUGEPAGES").ok();
+    if HugePages::parse(huge.as_deref()).is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "MEMSHARE_HUGEPAGES={:?} is not a huge-page policy; use auto (the default) or never",
+            huge.unwrap_or_default()
+        )));
+    }
+    let populate = std::env::var("MEMSHARE_POPULATE").ok();
+    if parse_populate(populate.as_deref()).is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "MEMSHARE_POPULATE={:?} is not a switch; use 1 (populate page tables of received \
+             blocks ahead of use) or 0 (the default)",
+            populate.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 /// True if `MEMSHARE_POPULATE=1` (and the kernel has MADV_POPULATE_READ).
 pub fn populate_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MEMSHARE_POPULATE").is_ok_and(|v| v.trim() == "1"))
+    *ON.get_or_init(|| {
+        parse_populate(std::env::var("MEMSHARE_POPULATE").ok().as_deref()).unwrap_or(false)
+    })
         && !UNSUPPORTED.load(Ordering::Relaxed)
 }
 
@@ -233,5 +267,9 @@ mod tests {
         assert_eq!(HugePages::parse(Some(" never ")), Some(HugePages::Never));
         assert_eq!(HugePages::parse(Some("0")), Some(HugePages::Never));
         assert_eq!(HugePages::parse(Some("always")), None);
+        assert_eq!(parse_populate(None), Some(false));
+        assert_eq!(parse_populate(Some(" 1 ")), Some(true));
+        assert_eq!(parse_populate(Some("0")), Some(false));
+        assert_eq!(parse_populate(Some("yes")), None);
     }
 }
