@@ -333,3 +333,53 @@ def test_objects_that_cannot_travel_by_handle_go_by_value():
     f = io.BytesIO()
     pickle.dump(ms.loads(ms.dumps([1, "x"])), f)
     assert pickle.loads(f.getvalue()) == [1, "x"]
+
+
+# --- the pools follow the same rule ---------------------------------------------------
+
+
+def test_one_share_threshold_default_everywhere():
+    import memshare.dask
+    from memshare import _allocator, _sharing
+    from memshare._pool import DEFAULT_SHARE_THRESHOLD
+
+    values = {
+        _sharing.DEFAULT_SHARE_THRESHOLD,
+        DEFAULT_SHARE_THRESHOLD,
+        _allocator.DEFAULT_THRESHOLD,
+        memshare.dask.DEFAULT_SHARE_THRESHOLD,
+    }
+    assert values == {1 << 20}
+    with ms.Pool(1) as pool:
+        assert pool._share_threshold == _sharing.DEFAULT_SHARE_THRESHOLD
+
+
+def test_a_calls_pins_belong_to_its_lease_and_end_with_it():
+    from memshare import _sharing
+
+    big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: copied once, sent by handle
+    lease = _native.Lease()
+    memo: dict = {}
+    before = ms.stats()["pins"]
+    rv, copied = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
+    again, copied_again = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
+    assert copied and not copied_again  # once per call
+    assert ms.stats()["pins"] == before + 2  # two messages in flight, never received
+    # The call ends without any worker opening its messages: its lease goes.
+    del lease, rv, again, memo
+    gc.collect()
+    assert ms.stats()["pins"] == before
+
+
+def test_task_results_over_the_threshold_are_copied_once_and_go_by_handle():
+    from memshare import _sharing
+
+    small, big = np.ones(10), np.ones(1 << 18)
+    assert _sharing.reduce_task_result(small, 1 << 20) == (NotImplemented, False)
+    rv, copied = _sharing.reduce_task_result(big, 1 << 20)
+    assert copied
+    back = rv[0](*rv[1])  # what the parent does with the message
+    assert ms.is_shared(back) and np.array_equal(back, big)
+    nested, copies = _sharing.share_task_result({"a": [big, small], "b": (big,)}, 1 << 20)
+    assert copies == 2 and ms.is_shared(nested["a"][0]) and not ms.is_shared(nested["a"][1])
+    del rv, back, nested

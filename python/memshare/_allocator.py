@@ -20,11 +20,13 @@ import threading
 from collections.abc import Iterator
 
 from . import _native
+from ._sharing import DEFAULT_SHARE_THRESHOLD
 
 __all__ = ["DEFAULT_THRESHOLD", "allocate_in_shared_memory", "shared_allocation_threshold"]
 
-#: Arrays of at least this many bytes go to shared memory by default (1 MiB).
-DEFAULT_THRESHOLD = 1 << 20
+#: Arrays of at least this many bytes go to shared memory by default: the one
+#: ``share_threshold`` default of ``_sharing`` (1 MiB).
+DEFAULT_THRESHOLD = DEFAULT_SHARE_THRESHOLD
 
 _handlers: dict[int, object] = {}
 _lock = threading.Lock()

@@ -401,3 +401,100 @@ def loads(data: bytes) -> Any:
     """
     entries, payload = _native.decode_message(bytes(data))
     return loads_message(entries, payload)
+
+
+# --- memshare's pools: what an argument or a result of a task travels as ------------
+#
+# ms.Pool and ms.ProcessPoolExecutor pickle a task's call with ForkingPickler
+# (their callables may go by value, see ``_callables``); each array in it goes
+# as a one-entry message decided here. A call's pins belong to its Lease, so a
+# task that never reaches a worker releases them when the call ends.
+
+
+def _one_entry(arr: np.ndarray, lease: Any = None) -> bytes | None:
+    entry = entry_of(arr)
+    if entry is None:
+        return None
+    return _native.encode_message([entry], b"", lease)
+
+
+def _shares_by_copy(arr: np.ndarray, threshold: int | None) -> bool:
+    """True for a private array that is worth one copy into shared memory."""
+    return (
+        threshold is not None
+        and arr.nbytes >= threshold
+        and not arr.dtype.hasobject
+        and encode_dtype(arr.dtype) is not None
+    )
+
+
+def reduce_call_argument(
+    arr: np.ndarray, memo: dict, threshold: int | None, lease: Any
+) -> tuple[Any, bool]:
+    """How a pool call sends the array ``arr``: ``(reduce value or
+    NotImplemented, copied)``.
+
+    Arrays in shared memory go as they are (the caller's own shared state
+    stays shared). Private arrays of at least ``threshold`` bytes are copied
+    into shared memory once per call (``memo``, keyed by the array's memory)
+    and arrive as copy-on-write views: a task that writes to its argument
+    changes only its own copy, as with arguments pickled by value. Smaller
+    ones are pickled by value.
+    """
+    from ._array import _data_address, _rebuild, _rebuild_private
+
+    if arr.dtype.hasobject:
+        return NotImplemented, False
+    message = _one_entry(arr, lease)
+    if message is not None:
+        return (_rebuild, (message,)), False
+    if not _shares_by_copy(arr, threshold):
+        return NotImplemented, False
+    key = (_data_address(arr), arr.nbytes, arr.shape, arr.strides, arr.dtype.str)
+    hit = memo.get(key)
+    copied = hit is None
+    if hit is None:
+        # Keeping `arr` alive keeps its address from being reused in the call.
+        hit = memo[key] = (arr, _share_copy(arr))
+    return (_rebuild_private, (_one_entry(hit[1], lease),)), copied
+
+
+def reduce_task_result(arr: np.ndarray, threshold: int | None) -> tuple[Any, bool]:
+    """How a pool worker sends the array ``arr`` back: ``(reduce value or
+    NotImplemented, copied)``. Shared arrays go by handle; private ones of at
+    least ``threshold`` bytes are copied into shared memory first (pinned by
+    the worker until the parent opens them)."""
+    from ._array import _rebuild
+
+    if arr.dtype.hasobject:
+        return NotImplemented, False
+    message = _one_entry(arr)
+    if message is not None:
+        return (_rebuild, (message,)), False
+    if not _shares_by_copy(arr, threshold):
+        return NotImplemented, False
+    return (_rebuild, (_one_entry(_share_copy(arr)),)), True
+
+
+def share_task_result(obj: Any, threshold: int | None, depth: int = 0) -> tuple[Any, int]:
+    """An Executor result with its large private arrays (also inside lists,
+    tuples and dicts, four levels deep) copied into shared memory, so that
+    the standard library's result pipe carries handles. Returns the object
+    and the number of copies made."""
+    if isinstance(obj, np.ndarray):
+        if entry_of(obj) is None and _shares_by_copy(obj, threshold):
+            return _share_copy(obj), 1
+        return obj, 0
+    if depth < 4:
+        t = type(obj)
+        if t is list or t is tuple:
+            pairs = [share_task_result(v, threshold, depth + 1) for v in obj]
+            copies = sum(n for _, n in pairs)
+            if copies:
+                return t(v for v, _ in pairs), copies
+        elif t is dict:
+            pairs_d = {k: share_task_result(v, threshold, depth + 1) for k, v in obj.items()}
+            copies = sum(n for _, n in pairs_d.values())
+            if copies:
+                return {k: v for k, (v, _) in pairs_d.items()}, copies
+    return obj, 0

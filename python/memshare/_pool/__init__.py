@@ -19,9 +19,12 @@ What changes is how arguments and results travel:
   at least ``share_threshold`` bytes they create are born in shared memory,
   and a result that is (or contains) such an array travels back by handle.
   Large results that are not in shared memory are copied there once.
-* Handles of a call are pinned on behalf of that call (an owner block), so a
-  task that never reaches a worker (terminate, a dead worker) releases its
-  pins when the call ends; memory held by a dead worker is reclaimed at once.
+* Handles of a call are pinned by the call's ``Lease``, so a task that never
+  reaches a worker (terminate, a dead worker) releases its pins when the call
+  ends; memory held by a dead worker is reclaimed at once.
+* What travels by handle, and the one ``share_threshold`` default, are
+  decided by ``memshare._sharing`` (``reduce_call_argument``,
+  ``reduce_task_result``, ``share_task_result``), as for every transport.
 
 Failures: an exception in a task is re-raised in the parent with the worker's
 traceback as its ``__cause__``. A worker that dies (SIGKILL, segfault, the OOM

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _callables, _native
-from .._array import _block_of, _encode_dtype, _rebuild, _rebuild_private, share_array
+from .. import _callables, _native, _sharing
+from .._array import share_array
 from ._config import _count
 
 _FRAME_PACKAGES = frozenset({"pandas", "pyarrow", "polars"})
@@ -44,11 +44,13 @@ def _frame_nbytes(obj: Any) -> int:
 
 
 class _CallState:
-    """What one call shares: a memo of shared copies and the owner of its pins.
+    """What one call shares: a memo of shared copies and the Lease that owns
+    the pins of its messages.
 
     Lives as long as the call's result object and its task generator; when it
     goes, the shared copies it made are dropped (workers keep what they
-    opened) and pins of tasks that never reached a worker are released.
+    opened) and the lease ends, releasing the pins of tasks that never
+    reached a worker.
     """
 
     __slots__ = ("__weakref__", "arrays", "frames", "lock", "main_by_ref", "owner", "threshold")
@@ -59,12 +61,13 @@ class _CallState:
         self.main_by_ref = main_by_ref
         self.arrays: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.frames: dict[int, tuple[Any, Any]] = {}
-        self.owner: _native.Block | None = None
+        self.owner: _native.Lease | None = None
         self.lock = threading.Lock()
 
-    def owner_block(self) -> _native.Block:
+    def lease(self) -> _native.Lease:
+        """The owner of this call's pins (made on first use)."""
         if self.owner is None:
-            self.owner = _native.alloc(1)
+            self.owner = _native.Lease()
         return self.owner
 
     def dumps(self, obj: Any) -> bytes:
@@ -74,40 +77,11 @@ class _CallState:
         return f.getvalue()
 
     def reduce_array(self, arr: np.ndarray) -> Any:
-        if arr.dtype.hasobject:
-            return NotImplemented
-        found = _block_of(arr)
-        if found is None:
-            if self.threshold is None or arr.nbytes < self.threshold:
-                return NotImplemented
-            address = arr.__array_interface__["data"][0]
-            key = (address, arr.nbytes, arr.shape, arr.strides, arr.dtype.str)
-            hit = self.arrays.get(key)
-            if hit is None:
-                # Writable, but sent as copy-on-write views (below): a task
-                # that writes to its argument changes only its own copy, as
-                # with arguments pickled by value.
-                shared = share_array(arr)
-                _count("shared_arguments")
-                # Keeping `arr` alive keeps its address from being reused.
-                hit = self.arrays[key] = (arr, shared)
-            arr = hit[1]
-            found = _block_of(arr)
-            if found is None:  # pragma: no cover - share_array always shares
-                return NotImplemented
-            rebuild = _rebuild_private
-        else:
-            rebuild = _rebuild  # the caller's own shared state stays shared
-        block, offset = found
-        message = block.array_message(
-            _encode_dtype(arr.dtype),
-            arr.dtype.itemsize,
-            arr.shape,
-            arr.strides,
-            offset,
-            self.owner_block(),
-        )
-        return (rebuild, (message,))
+        """The rule is ``_sharing``'s; this call supplies its memo and lease."""
+        rv, copied = _sharing.reduce_call_argument(arr, self.arrays, self.threshold, self.lease())
+        if copied:
+            _count("shared_arguments")
+        return rv
 
     def reduce_frame(self, obj: Any) -> Any:
         if self.threshold is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-DEFAULT_SHARE_THRESHOLD = 1 << 20
+from .._sharing import DEFAULT_SHARE_THRESHOLD as DEFAULT_SHARE_THRESHOLD  # the one default
 
 #: Copies into shared memory made by the pools of this process (for tests and
 #: curious users): arguments copied in the parent, results copied in workers.

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _callables
-from .._array import _block_of, _encode_dtype, _rebuild, share_array
+from .. import _callables, _sharing
 from ._config import _count
 from ._stdlib import MaybeEncodingError
 
@@ -36,22 +35,11 @@ class _ResultPickler(_callables.Pickler):
     value."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
-            found = _block_of(obj)
-            if found is None:
-                thr = _worker_threshold
-                if thr is None or obj.nbytes < thr:
-                    return NotImplemented
-                obj = share_array(obj)
+        if isinstance(obj, np.ndarray):
+            rv, copied = _sharing.reduce_task_result(obj, _worker_threshold)
+            if copied:
                 _count("shared_results")
-                found = _block_of(obj)
-                if found is None:  # pragma: no cover
-                    return NotImplemented
-            block, offset = found
-            message = block.array_message(
-                _encode_dtype(obj.dtype), obj.dtype.itemsize, obj.shape, obj.strides, offset
-            )
-            return (_rebuild, (message,))
+            return rv
         if isinstance(obj, _callables.Pickler.CALLABLES):
             if obj.__module__ != "__main__":
                 # The stdlib's way: by reference, or a PicklingError that fails
@@ -115,29 +103,12 @@ def _executor_result(obj: Any) -> Any:
     return _callables.by_value(obj)
 
 
-def _share_result(obj: Any, depth: int = 0) -> Any:
-    """Executor results: large private arrays (in containers too) to shared memory."""
-    if isinstance(obj, np.ndarray):
-        thr = _worker_threshold
-        if (
-            thr is not None
-            and obj.nbytes >= thr
-            and not obj.dtype.hasobject
-            and _block_of(obj) is None
-        ):
-            _count("shared_results")
-            return share_array(obj)
-        return obj
-    if depth < 4:
-        t = type(obj)
-        if t is list or t is tuple:
-            items = [_share_result(v, depth + 1) for v in obj]
-            if any(a is not b for a, b in zip(items, obj, strict=False)):
-                return t(items)
-        elif t is dict:
-            new = {k: _share_result(v, depth + 1) for k, v in obj.items()}
-            if any(new[k] is not v for k, v in obj.items()):
-                return new
+def _share_result(obj: Any) -> Any:
+    """Executor results: large private arrays (in containers too) to shared
+    memory (the rule is ``_sharing.share_task_result``)."""
+    obj, copies = _sharing.share_task_result(obj, _worker_threshold)
+    for _ in range(copies):
+        _count("shared_results")
     return obj
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _native
+from .. import _native, _sharing
 from ._executor import Executor
 from ._identity import memory_identity
 from ._plugin import NannyPlugin, WorkerPlugin
@@ -31,8 +31,9 @@ __all__ = [
     "register",
 ]
 
-#: Arrays and frames of at least this many bytes travel by handle (1 MiB).
-DEFAULT_SHARE_THRESHOLD = 1 << 20
+#: Arrays and frames of at least this many bytes travel by handle: the one
+#: ``share_threshold`` default of memshare (1 MiB).
+DEFAULT_SHARE_THRESHOLD = _sharing.DEFAULT_SHARE_THRESHOLD
 
 
 def register(client: Any, *, share_threshold: int = DEFAULT_SHARE_THRESHOLD, direct: bool = True):

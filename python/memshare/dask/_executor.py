@@ -7,6 +7,7 @@ from typing import Any
 
 from distributed.cfexecutor import ClientExecutor
 
+from .._sharing import DEFAULT_SHARE_THRESHOLD
 from ._args import Scatterer, call_unwrapped
 
 __all__ = ["Executor"]
@@ -24,7 +25,9 @@ class Executor(ClientExecutor):
         **kwargs: as for ``Client.get_executor`` (``workers``, ``retries``, ...).
     """
 
-    def __init__(self, client: Any, share_threshold: int | None = 1 << 20, **kwargs: Any):
+    def __init__(
+        self, client: Any, share_threshold: int | None = DEFAULT_SHARE_THRESHOLD, **kwargs: Any
+    ):
         super().__init__(client, **kwargs)
         self._share_threshold = share_threshold
 

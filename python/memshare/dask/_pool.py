@@ -20,6 +20,7 @@ from typing import Any
 
 import distributed
 
+from .._sharing import DEFAULT_SHARE_THRESHOLD
 from ._args import Scatterer, call_unwrapped, unwrap
 
 __all__ = ["AsyncResult", "Pool"]
@@ -112,7 +113,7 @@ class Pool:
     another worker holds); ``.copy()`` one to write into it.
     """
 
-    def __init__(self, client: Any, share_threshold: int | None = 1 << 20):
+    def __init__(self, client: Any, share_threshold: int | None = DEFAULT_SHARE_THRESHOLD):
         if share_threshold is not None and (
             isinstance(share_threshold, bool)
             or not isinstance(share_threshold, int)
