@@ -105,8 +105,7 @@ pub fn populate_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         parse_populate(std::env::var("MEMSHARE_POPULATE").ok().as_deref()).unwrap_or(false)
-    })
-        && !UNSUPPORTED.load(Ordering::Relaxed)
+    }) && !UNSUPPORTED.load(Ordering::Relaxed)
 }
 
 /// Set once the kernel refused MADV_POPULATE_READ (Linux before 5.14).
@@ -257,7 +256,7 @@ pub fn populate_idle(timeout: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::HugePages;
+    use super::{parse_populate, HugePages};
 
     #[test]
     fn huge_page_policy_parses_its_values_and_refuses_others() {
