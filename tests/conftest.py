@@ -12,6 +12,25 @@ from pathlib import Path
 
 import pytest
 
+
+def _remove_dirs_of_killed_sessions() -> None:
+    """A session killed from outside never reaches pytest_sessionfinish: its
+    directory (named after its pid) stays. Remove those whose pytest is gone,
+    after memshare's own check that no live process holds their arenas."""
+    from memshare import _native as native
+
+    for d in Path("/dev/shm").glob("memshare-pytest-*"):
+        pid = d.name.rpartition("-")[2]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue  # a session that may still run (or a pid reused: leave it)
+        try:
+            native.collect_garbage(str(d))
+        except OSError:
+            continue
+        if not any(p.name.startswith("memshare-") for p in d.iterdir()):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 # Must happen before memshare creates its arena; children inherit it.
 SHM_DIR = Path(f"/dev/shm/memshare-pytest-{os.getpid()}")
 SHM_DIR.mkdir(mode=0o700, exist_ok=True)
@@ -28,6 +47,8 @@ START_METHODS = ["fork", "spawn", "forkserver"]
 def _dev_shm_entries() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(("memshare-", "sem."))}
 
+
+_remove_dirs_of_killed_sessions()
 
 # What was there before the session (other programs'); anything new that is
 # still there at the end was left by the tests.
