@@ -44,12 +44,13 @@ Modules, one job each:
 
 from __future__ import annotations
 
-from ._dispatch import handled_type, reduce_frame, share_frame
+from ._dispatch import handled_type, nbytes, reduce_frame, share_frame
 from ._install import install, register_reducers, register_reducers_on_import
 
 __all__ = [
     "handled_type",
     "install",
+    "nbytes",
     "reduce_frame",
     "register_reducers",
     "register_reducers_on_import",

@@ -98,3 +98,25 @@ def _encode(obj: Any, leaf: Leaf, local: bool) -> tuple:
     elif pkg == "polars":
         return _enc_polars(obj, leaf)
     raise TypeError(f"memshare cannot share objects of type {type(obj).__name__}")
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes of data an array or a pandas/Arrow/polars object holds, cheaply
+    (0 when unknown: an unknown size counts as a small one)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    try:
+        blocks = getattr(getattr(obj, "_mgr", None), "blocks", None)  # pandas DataFrame
+        if blocks is not None:
+            # memory_usage() builds a Series per column: seconds for a wide frame.
+            return sum(int(b.values.nbytes) for b in blocks) + int(obj.index.nbytes)
+        size = getattr(obj, "estimated_size", None)  # polars
+        if size is not None:
+            return int(size())
+        usage = getattr(obj, "memory_usage", None)  # pandas Series/Index
+        if usage is not None:
+            v = usage(deep=False)
+            return int(v.sum()) if hasattr(v, "sum") else int(v)
+        return int(obj.nbytes)  # pyarrow
+    except Exception:
+        return 0

@@ -29,20 +29,6 @@ def _frames():
     return _frames
 
 
-def _frame_nbytes(obj: Any) -> int:
-    try:
-        size = getattr(obj, "estimated_size", None)  # polars
-        if size is not None:
-            return int(size())
-        usage = getattr(obj, "memory_usage", None)  # pandas
-        if usage is not None:
-            v = usage(deep=False)
-            return int(v.sum()) if hasattr(v, "sum") else int(v)
-        return int(obj.nbytes)  # pyarrow
-    except Exception:  # an unknown size is a small one
-        return 0
-
-
 class _CallState:
     """What one call shares: a memo of shared copies and the Lease that owns
     the pins of its messages.
@@ -92,7 +78,7 @@ class _CallState:
         frames = _frames()
         if frames is None or not frames.handled_type(obj):
             return NotImplemented
-        if _frame_nbytes(obj) < self.threshold:
+        if frames.nbytes(obj) < self.threshold:
             return NotImplemented
         shared = frames.share_frame(obj, share_array)
         _count("shared_arguments")

@@ -33,6 +33,7 @@ from distributed.comm.core import Comm
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 from distributed.utils import has_keyword
 
+from .. import _frames
 from . import _serialize
 from ._identity import memory_identity
 
@@ -150,24 +151,7 @@ def _patch_handshake() -> None:
 # --- the serializers -----------------------------------------------------------------
 
 
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    try:
-        blocks = getattr(getattr(obj, "_mgr", None), "blocks", None)  # pandas DataFrame
-        if blocks is not None:
-            # memory_usage() builds a Series per column: seconds for a wide frame.
-            return sum(int(b.values.nbytes) for b in blocks) + int(obj.index.nbytes)
-        size = getattr(obj, "estimated_size", None)  # polars
-        if size is not None:
-            return int(size())
-        usage = getattr(obj, "memory_usage", None)  # pandas
-        if usage is not None:
-            v = usage(deep=False)
-            return int(v.sum()) if hasattr(v, "sum") else int(v)
-        return int(obj.nbytes)  # pyarrow
-    except Exception:  # an unknown size is a small one
-        return 0
+_nbytes = _frames.nbytes
 
 
 def _eligible(obj: Any, context: dict | None) -> bool:
