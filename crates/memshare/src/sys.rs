@@ -543,15 +543,23 @@ impl RobustMutex {
     pub fn lock(&self) -> Result<LockState> {
         // SAFETY: `self.ptr` points to an initialised process-shared mutex.
         let rc = unsafe { libc::pthread_mutex_lock(self.ptr) };
+        self.locked(rc, 0)
+            .map(|state| state.unwrap_or(LockState::Clean))
+    }
+
+    /// What a pthread lock call's result `rc` means: the mutex is ours
+    /// (`Some`), or not taken because of `not_taken` (ETIMEDOUT, EBUSY: `None`).
+    fn locked(&self, rc: i32, not_taken: i32) -> Result<Option<LockState>> {
         match rc {
-            0 => Ok(LockState::Clean),
+            0 => Ok(Some(LockState::Clean)),
             libc::EOWNERDEAD => {
                 // SAFETY: we hold the mutex (EOWNERDEAD grants it); marking it
                 // consistent lets later lockers proceed normally. The caller
                 // repairs the guarded data before unlocking.
                 unsafe { libc::pthread_mutex_consistent(self.ptr) };
-                Ok(LockState::OwnerDied)
+                Ok(Some(LockState::OwnerDied))
             }
+            rc if rc == not_taken && rc != 0 => Ok(None),
             _ => Err(Error::Io {
                 context: "locking the arena mutex".into(),
                 source: io::Error::from_raw_os_error(rc),
@@ -581,38 +589,14 @@ impl RobustMutex {
         // SAFETY: `self.ptr` points to an initialised process-shared mutex;
         // `abs` is a valid timespec.
         let rc = unsafe { libc::pthread_mutex_timedlock(self.ptr, &abs) };
-        match rc {
-            0 => Ok(Some(LockState::Clean)),
-            libc::ETIMEDOUT => Ok(None),
-            libc::EOWNERDEAD => {
-                // SAFETY: as in `lock`: EOWNERDEAD grants the mutex.
-                unsafe { libc::pthread_mutex_consistent(self.ptr) };
-                Ok(Some(LockState::OwnerDied))
-            }
-            _ => Err(Error::Io {
-                context: "locking the arena mutex".into(),
-                source: io::Error::from_raw_os_error(rc),
-            }),
-        }
+        self.locked(rc, libc::ETIMEDOUT)
     }
 
     /// Takes the mutex if it is free; None if another thread holds it.
     pub fn try_lock(&self) -> Result<Option<LockState>> {
         // SAFETY: `self.ptr` points to an initialised process-shared mutex.
         let rc = unsafe { libc::pthread_mutex_trylock(self.ptr) };
-        match rc {
-            0 => Ok(Some(LockState::Clean)),
-            libc::EBUSY => Ok(None),
-            libc::EOWNERDEAD => {
-                // SAFETY: as in `lock`: EOWNERDEAD grants the mutex.
-                unsafe { libc::pthread_mutex_consistent(self.ptr) };
-                Ok(Some(LockState::OwnerDied))
-            }
-            _ => Err(Error::Io {
-                context: "locking the arena mutex".into(),
-                source: io::Error::from_raw_os_error(rc),
-            }),
-        }
+        self.locked(rc, libc::EBUSY)
     }
 
     pub fn unlock(&self) {
