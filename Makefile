@@ -96,6 +96,7 @@ test-wheels: wheel ## Smoke-test the wheels in fresh venvs of CPython 3.10-3.13 
 
 lint: $(STAMP_DEPS) ## clippy -D warnings, rustfmt --check, ruff
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p memshare-python --features abi3 -- -D warnings
 	cargo fmt --all -- --check
 	$(VENV)/bin/ruff check python tests benches examples
 	$(VENV)/bin/ruff format --check python tests benches examples

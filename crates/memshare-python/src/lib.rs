@@ -86,13 +86,26 @@ pub fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 
 /// Runs `f` without the GIL if this thread holds it (callers that may be
 /// reached with or without it, such as numpy's allocator and deallocation).
-#[cfg(not(test))]
+#[cfg(all(not(test), not(feature = "abi3")))]
 pub fn without_gil<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     // SAFETY: PyGILState_Check only reads the calling thread's state.
     if unsafe { ffi::PyGILState_Check() } == 1 {
         Python::attach(|py| py.detach(f))
     } else {
         f()
+    }
+}
+
+/// The stable ABI has no way to ask whether this thread holds the GIL, so
+/// the abi3 build takes it (a no-op when held) and releases it around `f`;
+/// an interpreter that is shutting down is not attached to at all.
+#[cfg(all(not(test), feature = "abi3"))]
+pub fn without_gil<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let mut f = Some(f);
+    let ran = Python::try_attach(|py| py.detach(|| f.take().map(|f| f())));
+    match ran.flatten() {
+        Some(result) => result,
+        None => f.take().expect("f has not run")(),
     }
 }
 
