@@ -113,6 +113,53 @@ def test_arrays_frames_and_ownership():
     assert ms.stats()["live_blocks"] == 0
 
 
+def _hold_arena_lock(locked, release):
+    from memshare import _native
+
+    _native._debug_hold_arena_lock()
+    locked.set()
+    release.wait(T)
+    _native._debug_release_arena_lock()
+
+
+@pytest.mark.parametrize("put", ["array", "tuple", "large pickle"])
+def test_get_that_times_out_on_the_arena_lock_keeps_the_message(put):
+    """A get whose deadline passes while another process holds the arena
+    lock raises Empty and leaves the message in the queue (it used to take
+    the message and drop it)."""
+    message = {
+        "array": ms.share(np.arange(1000.0)),
+        "tuple": (7, ms.share(np.arange(1000.0)), "x"),
+        "large pickle": list(range(10_000)),  # its own block, no table
+    }[put]
+    q = Queue(4)
+    q.put(message, timeout=T)
+    ctx = mp.get_context("fork")
+    locked, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_arena_lock, args=(locked, release))
+    holder.start()
+    try:
+        assert locked.wait(T)
+        with pytest.raises(queue.Empty):
+            q.get_nowait()
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.2)
+        assert q.qsize() == 1
+    finally:
+        release.set()
+        holder.join(T)
+    assert holder.exitcode == 0
+    got = q.get(timeout=T)
+    if put == "tuple":
+        assert got[0] == 7 and got[2] == "x" and np.array_equal(got[1], np.arange(1000.0))
+    elif put == "array":
+        assert np.array_equal(got, np.arange(1000.0))
+    else:
+        assert got == message
+    del got, message, q
+    gc.collect()
+
+
 def test_joinable_queue():
     q = JoinableQueue()
     q.put(1)

@@ -71,15 +71,18 @@ impl PyQueue {
         // The timeout bounds the wait for the arena's lock too (a stopped
         // peer may hold it): past it, the put is Full like any other.
         let deadline = t.and_then(|t| Instant::now().checked_add(t));
-        let bounded = |f: &dyn Fn() -> Result<(), Error>| match with_deadline(deadline, f) {
-            Err(Error::Busy(_)) => Err(Error::Full),
-            r => r,
-        };
+        let bounded =
+            |deadline: Option<Instant>, f: &dyn Fn() -> Result<(), Error>| match with_deadline(
+                deadline, f,
+            ) {
+                Err(Error::Busy(_)) => Err(Error::Full),
+                r => r,
+            };
         // Small messages are tried once without releasing the GIL (no wait,
         // no bulk copy); anything that may block or copy much releases it.
         if data.len() > self.q.inline_size() {
             return py
-                .detach(|| bounded(&|| self.q.put_message(data, t, true)))
+                .detach(|| bounded(deadline, &|| self.q.put_message(data, t, true)))
                 .map_err(to_pyerr);
         }
         let prepared = py
@@ -88,11 +91,17 @@ impl PyQueue {
                 Error::Busy(_) => to_pyerr(Error::Full),
                 e => to_pyerr(e),
             })?;
-        match self.q.put_prepared(data, &prepared, Some(Duration::ZERO)) {
+        // With the GIL held nothing may wait, not even for the arena's lock
+        // (a put that finds it taken is published as a tombstone and tried
+        // again without the GIL).
+        let now = Some(Instant::now());
+        match bounded(now, &|| {
+            self.q.put_prepared(data, &prepared, Some(Duration::ZERO))
+        }) {
             Err(Error::Full) if t != Some(Duration::ZERO) => {}
             r => return r.map_err(to_pyerr),
         }
-        py.detach(|| bounded(&|| self.q.put_prepared(data, &prepared, t)))
+        py.detach(|| bounded(deadline, &|| self.q.put_prepared(data, &prepared, t)))
             .map_err(to_pyerr)
     }
 

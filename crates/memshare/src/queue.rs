@@ -681,6 +681,12 @@ impl Queue {
     /// Takes the message of kind `kind` in the claimed slot `pos` (before the
     /// slot is released). `None` for a tombstone.
     fn read(&self, pos: u64, kind: u32) -> Option<Result<Message>> {
+        // The message is ours now: waiting for the arena's lock past the
+        // caller's deadline delays it, giving up would lose it.
+        crate::arena::with_deadline(None, || self.read_claimed(pos, kind))
+    }
+
+    fn read_claimed(&self, pos: u64, kind: u32) -> Option<Result<Message>> {
         let arena = self.block.arena();
         let slot = self.slot(pos);
         let data = self.data_ptr(pos);
@@ -858,6 +864,32 @@ impl SlotMem for Queue {
     /// Releases the pins a message in slot `pos` holds (it will never be
     /// delivered).
     fn discard(&self, pos: u64, kind: u32) {
+        // Giving up on the arena's lock here would leak the message's blocks.
+        crate::arena::with_deadline(None, || self.discard_claimed(pos, kind))
+    }
+
+    fn finish_task(&self) {
+        if self.joinable {
+            let _ = Queue::task_done(self);
+        }
+    }
+
+    /// A message with blocks is opened under the arena's lock once claimed,
+    /// with no deadline (giving up then would lose it): so a caller with a
+    /// deadline first waits, within it, until the lock is free.
+    fn before_take(&self, pos: u64) -> Result<()> {
+        let kind = self.slot(pos).kind.load(Ordering::Acquire);
+        let opens = kind & KIND_MASK == KIND_BLOCK || kind & KIND_HANDLES != 0;
+        if opens && crate::arena::has_deadline() {
+            self.block.arena().wait_for_lock()?;
+        }
+        Ok(())
+    }
+}
+
+impl Queue {
+    /// Releases the blocks of the message in claimed slot `pos`.
+    fn discard_claimed(&self, pos: u64, kind: u32) {
         let arena = self.block.arena();
         let data = self.data_ptr(pos);
         let release_embedded = |bytes: &[u8]| {
@@ -884,12 +916,6 @@ impl SlotMem for Queue {
                 }
             }
             _ => {}
-        }
-    }
-
-    fn finish_task(&self) {
-        if self.joinable {
-            let _ = Queue::task_done(self);
         }
     }
 }
@@ -988,6 +1014,13 @@ pub trait SlotMem {
     fn discard(&self, pos: u64, kind: u32);
     /// Marks one task done on a joinable queue.
     fn finish_task(&self);
+    /// Called before a consumer claims the published slot `pos`: an error
+    /// is returned from `get` with nothing claimed. Once a message is
+    /// claimed it is always taken or, if that fails, reported: never left
+    /// half-taken, so whatever may fail for lack of time fails here.
+    fn before_take(&self, _pos: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn is_closed<M: SlotMem>(m: &M) -> bool {
@@ -1163,6 +1196,11 @@ fn try_claim<M: SlotMem>(m: &M, me: u32, side: Side) -> Attempt<u64> {
         };
         match view {
             View::Claim => {
+                if side == Side::Get {
+                    if let Err(e) = m.before_take(pos) {
+                        return Attempt::Done(Err(e));
+                    }
+                }
                 if slot
                     .compare_exchange(
                         w,

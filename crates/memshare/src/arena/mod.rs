@@ -48,7 +48,7 @@ pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
 pub use pins::Lease;
 pub use prefault::{huge_pages, populate_idle, populated_bytes, HugePages, POPULATE_MIN};
 pub use slots::SlotInfo;
-pub use txn::{lock_acquisitions, with_deadline};
+pub use txn::{has_deadline, lock_acquisitions, with_deadline};
 
 use crate::error::{Error, Result};
 use crate::handle::Handle;
@@ -268,6 +268,14 @@ impl Arena {
         }
         let mut txn = self.inner.txn(&mut local)?;
         f(&mut txn)
+    }
+
+    /// Waits until this process can take the arena's lock (within this
+    /// thread's deadline, see [`with_deadline`]), and lets it go: for a step
+    /// that must not start unless the lock is to be had, such as taking a
+    /// queued message whose blocks are then opened.
+    pub fn wait_for_lock(&self) -> Result<()> {
+        self.with_txn(|_| Ok(()))
     }
 
     /// Allocates `len` bytes. The returned block holds one reference.

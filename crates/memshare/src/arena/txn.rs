@@ -34,6 +34,11 @@ pub fn with_deadline<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// True if this thread's arena lock waits are bounded (see [`with_deadline`]).
+pub fn has_deadline() -> bool {
+    DEADLINE.with(|d| d.get()).is_some()
+}
+
 /// Arena-mutex acquisitions made by this process (every arena, since the
 /// process started or forked): the figure that says how much the hot paths
 /// rely on the one shared lock. Per process, so it needs no layout change and
