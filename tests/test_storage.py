@@ -165,23 +165,24 @@ def test_directory_others_can_write_without_sticky_bit_is_refused():
 
 
 SWAP_VICTIM = """
-import json, os, pickle, subprocess, sys, numpy as np, memshare as ms
+import json, os, subprocess, sys, numpy as np, memshare as ms
 d = os.environ["MEMSHARE_DIR"]
 a = ms.share(np.arange(1 << 20, dtype=np.float64))  # 8 MiB: a segment of its own
 token = next(p[9:] for p in os.listdir(d) if len(p) == 9 + 32)  # memshare-<token>
 seg = max((p for p in os.listdir(d) if p.startswith(f"memshare-{token}-")),
           key=lambda p: os.stat(os.path.join(d, p)).st_size)
 path = os.path.join(d, seg)
-reader = "import pickle, sys, memshare as ms\\n" \\
+reader = "import sys, memshare as ms\\n" \\
     "try:\\n" \\
-    "    print(float(pickle.loads(bytes.fromhex(sys.argv[1])).sum()))\\n" \\
+    "    print(float(ms.loads(bytes.fromhex(sys.argv[1])).sum()))\\n" \\
     "except PermissionError as e:\\n" \\
     "    print('PermissionError', e)\\n"
 def read():
-    msg = pickle.dumps(a).hex()
+    msg = ms.dumps(a).hex()  # by handle (plain pickle would copy the array)
     out = subprocess.run([sys.executable, "-c", reader, msg], capture_output=True, text=True,
                          timeout=120)
-    pickle.loads(bytes.fromhex(msg))  # adopt the pin if the reader did not
+    if out.stdout.startswith("PermissionError"):
+        ms.loads(bytes.fromhex(msg))  # adopt the pin the reader could not
     return out.stdout.strip() or out.stderr
 results = {"plain": read()}
 # An attacker's file in its place, through a symbolic link...
