@@ -237,6 +237,28 @@ def test_dumps_lifetime_is_the_senders():
         ms.loads(bytes.fromhex(out.stdout))
 
 
+def test_dumps_message_never_loaded_is_released_when_its_sender_exits():
+    # The sender joins this process's arena (which stays alive), makes a
+    # message and exits normally without anyone loading it.
+    ms.share(np.zeros(1))  # this process's arena exists and is exported
+    code = textwrap.dedent(
+        """
+        import sys, numpy as np, memshare as ms
+        sys.stdout.write(ms.dumps(ms.share(np.arange(1000.0))).hex())
+        """
+    )
+    env = dict(os.environ)
+    assert env.get("MEMSHARE_ARENA")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT
+    )
+    assert out.returncode == 0, out.stderr
+    gc.collect()
+    assert ms.stats()["pins"] == 0  # nothing is held for the message
+    with pytest.raises(ms.StaleHandleError, match="freed"):
+        ms.loads(bytes.fromhex(out.stdout))
+
+
 def test_dumps_loads_in_one_process_and_twice():
     a = ms.share(np.arange(100.0))
     msg = ms.dumps({"a": a, "again": a, "n": 1})

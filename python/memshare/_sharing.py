@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -375,6 +376,21 @@ def loads_message(entries: list[Entry], payload: bytes) -> Any:
     return _Unpickler(io.BytesIO(payload), entries).load()
 
 
+_dumps_lease: tuple[int, Any] | None = None
+
+
+def _process_lease() -> Any:
+    """This process's lease for :func:`dumps`: it ends when the process exits
+    or dies, so a message that is never loaded keeps nothing past its
+    sender's life. A forked child makes its own (its inherited copy ends
+    nothing: only the process that took a lease can end it)."""
+    global _dumps_lease
+    pid = os.getpid()
+    if _dumps_lease is None or _dumps_lease[0] != pid:
+        _dumps_lease = (pid, _native.Lease())
+    return _dumps_lease[1]
+
+
 def dumps(obj: Any, threshold: int | None = DEFAULT_SHARE_THRESHOLD) -> bytes:
     """Pickles ``obj`` for another process of this user, shared data by handle.
 
@@ -383,12 +399,18 @@ def dumps(obj: Any, threshold: int | None = DEFAULT_SHARE_THRESHOLD) -> bytes:
     in the message's table; the rest is an ordinary pickle. Use it for your
     own channels (a socket, ZeroMQ, Redis, a file on this machine).
 
-    Lifetime: the handles are pinned by this process. :func:`loads` in any
-    process adopts the pins (and can be called once per message); a message
-    that is never loaded holds its memory until this process exits, never
-    longer. Loading after the data is gone raises :class:`StaleHandleError`.
+    Lifetime: the handles are pinned by this process (its ``dumps`` lease).
+    :func:`loads` in any process adopts the pins (and can be called once per
+    message); a message that is never loaded holds its memory until this
+    process exits or dies, never longer. Loading after the data is gone
+    raises :class:`StaleHandleError`.
     """
-    return encode(obj, threshold=threshold)
+    try:
+        return encode(obj, lease=_process_lease(), threshold=threshold)
+    except ValueError:
+        # Data of an arena other than this process's own (received from
+        # another process tree): pinned by this process in that arena.
+        return encode(obj, threshold=threshold)
 
 
 def loads(data: bytes) -> Any:
