@@ -26,7 +26,7 @@ PY313 := $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(
 VENV313 := .venv-3.13
 STAMP_313 := $(VENV313)/.build-stamp
 
-.PHONY: help setup demo test test-rust test-python test-slow test-wheels wheel test-conformance setup-conformance lint fmt bench lock \
+.PHONY: help setup demo test test-rust test-python test-slow test-wheels wheel test-conformance setup-conformance lint fmt bench bench-compare lock \
 	lock-upgrade clean
 
 help: ## List the targets
@@ -109,6 +109,10 @@ fmt: $(STAMP_DEPS) ## Format Rust and Python sources
 bench: setup ## Run the benchmarks (prints tables, writes BENCHMARKS.md)
 	$(PIP) install --quiet -r requirements/bench.txt
 	$(PY) benches/run_all.py
+
+bench-compare: setup ## Before/after figures: make bench-compare BEFORE=<python of another memshare install>
+	@test -n "$(BEFORE)" || { echo "usage: make bench-compare BEFORE=/path/to/.venv/bin/python"; exit 2; }
+	$(PY) benches/compare_versions.py --before $(BEFORE)
 
 lock: ## Pin requirements/*.in into requirements/*.txt (keeps existing pins)
 	test -x $(PY) || python3 -m venv $(VENV)
