@@ -58,13 +58,14 @@ def new_cluster():
     )
 
 
-def worker_to_worker(client, use) -> tuple[float, float, float]:
-    """A task on worker b uses a 200 MB array made on worker a (made before the clock starts)."""
+def worker_to_worker(client, use, n: int = N) -> tuple[float, float, float]:
+    """A task on worker b uses an array of ``n`` float64 made on worker a
+    (made before the clock starts)."""
     a, b = sorted(client.scheduler_info()["workers"])
     state: dict = {}
 
     def setup():
-        state["x"] = client.submit(make_array, N, workers=[a], pure=False)
+        state["x"] = client.submit(make_array, n, workers=[a], pure=False)
         state["x"].result()
 
     def run():
@@ -146,6 +147,7 @@ def main() -> None:
 
                 memshare.dask.register(client)
             r = results[name] = {}
+            r["w2w floor"] = worker_to_worker(client, first, 1)
             r["w2w first"] = worker_to_worker(client, first)
             r["w2w sum"] = worker_to_worker(client, total)
             r["gather"] = gather(client)
@@ -169,6 +171,12 @@ def main() -> None:
         "`future.result()`. See docs/dask.md.\n"
     )
     rows = [
+        [
+            "8 bytes worker to worker (Dask's task round trip: the floor of the rows below)",
+            spread(st["w2w floor"]),
+            spread(ms_["w2w floor"]),
+            ratio(st["w2w floor"][0], ms_["w2w floor"][0]),
+        ],
         [
             "200 MB worker to worker, task reads one element",
             spread(st["w2w first"]),
@@ -217,6 +225,13 @@ def main() -> None:
         ],
     ]
     wl = [[r[0], f"{r[1]:.2f}", r[2], r[3]] for r in wl]
+    floor = {k: r["w2w floor"][0] for k, r in results.items()}
+    moved = {k: r["w2w first"][0] - floor[k] for k, r in results.items()}
+    print(
+        "Above the floor (the 200 MB row minus the 8-byte row: the transfer itself): "
+        f"stock {moved['stock'] * 1e3:.1f} ms, memshare {moved['memshare'] * 1e3:.1f} ms, "
+        f"{moved['stock'] / max(moved['memshare'], 1e-6):.0f}x.\n"
+    )
     print(
         table(
             f"Dask: workload (a), row outer product, {TASKS} tasks on 2 workers "

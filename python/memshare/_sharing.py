@@ -354,6 +354,22 @@ class _Unpickler(pickle.Unpickler):
         return built
 
 
+#: Types whose instances cannot hold shared memory.
+ATOMIC = frozenset({int, float, bool, str, bytes, complex, type(None)})
+
+
+def is_plain(value: Any) -> bool:
+    """True for values that cannot hold shared memory (atomic, or a list or
+    tuple of atomic values): they travel as an ordinary pickle, with no
+    handle table and no per-object hook (the hot path of small messages)."""
+    t = type(value)
+    if t in ATOMIC:
+        return True
+    if t is list or t is tuple:
+        return ATOMIC.issuperset(map(type, value))
+    return False
+
+
 def encode(
     obj: Any,
     *,
@@ -364,6 +380,8 @@ def encode(
 ) -> bytes:
     """A message for ``obj``: its arrays in the handle table (pinned by
     ``lease`` or this process), the rest pickled into the payload."""
+    if is_plain(obj):
+        return _native.encode_message([], pickle.dumps(obj, 5), lease)
     f = io.BytesIO()
     cls = TransportPickler if transport else Pickler
     p = cls(f, share or default_share(threshold), threshold)
@@ -373,6 +391,13 @@ def encode(
 
 def loads_message(entries: list[Entry], payload: bytes) -> Any:
     """Unpickles the payload of a message whose entries are open."""
+    if not entries:
+        try:
+            return pickle.loads(payload)
+        except pickle.UnpicklingError as e:
+            if "persistent" in str(e):  # names a table entry there is none of
+                raise HandleError("memshare: message payload names no table entry") from None
+            raise
     return _Unpickler(io.BytesIO(payload), entries).load()
 
 

@@ -66,19 +66,9 @@ class _Packed:
         return pickle.loads(self.data)
 
 
-_ATOMIC = frozenset({int, float, bool, str, bytes, complex, type(None)})
+_ATOMIC = _sharing.ATOMIC
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
-
-
-def _is_plain(value: Any) -> bool:
-    """True for values that cannot hold shared memory (atomic, or a list or
-    tuple of atomic values): they need no memshare pickling at all."""
-    t = type(value)
-    if t in _ATOMIC:
-        return True
-    if t is list or t is tuple:
-        return _ATOMIC.issuperset(map(type, value))
-    return False
+_is_plain = _sharing.is_plain
 
 
 def _pack(value: Any) -> Any:
