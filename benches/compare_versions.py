@@ -115,6 +115,7 @@ def main() -> int:
     ap.add_argument("--before", required=True, help="python of the earlier install")
     ap.add_argument("--after", default=sys.executable, help="python of the later install")
     ap.add_argument("--repeat", type=int, default=REPEAT)
+    ap.add_argument("--only", default="", help="run the probes whose title contains this")
     args = ap.parse_args()
     versions = {}
     for name, py in (("before", args.before), ("after", args.after)):
@@ -126,6 +127,8 @@ def main() -> int:
     print(f"before: {versions['before']}\nafter:  {versions['after']}\n")
     rows = []
     for title, (kind, code) in PROBES.items():
+        if args.only not in title:
+            continue
         runs: dict[str, list[float]] = {"before": [], "after": []}
         for _ in range(args.repeat):
             for name, py in (("before", args.before), ("after", args.after)):
