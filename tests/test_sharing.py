@@ -269,6 +269,18 @@ def test_dumps_loads_in_one_process_and_twice():
     assert np.shares_memory(again["a"], a)
 
 
+def test_plain_values_travel_as_an_ordinary_pickle_with_no_table():
+    for value in (5, None, "x", (1, 2.5, b"z"), [True, None]):
+        msg = ms.dumps(value)
+        entries, payload = _native.decode_message(msg)
+        assert entries == [] and pickle.loads(payload) == value
+        assert ms.loads(msg) == value
+    # A table-less message whose payload names a table entry is refused as such.
+    forged = _native.encode_message([], pickle.dumps(0, 5).replace(b"K\x00", b"P0\n", 1))
+    with pytest.raises(ms.HandleError, match="no table entry"):
+        ms.loads(forged)
+
+
 # --- bad input: HandleError only --------------------------------------------------------
 
 
