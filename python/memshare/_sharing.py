@@ -69,6 +69,7 @@ _SIMPLE = re.compile(r"[<>|][a-zA-Z][0-9]{0,9}(\[[0-9]{0,9}[a-zA-Z]{1,3}\])?")
 _MAX_DEPTH = 8
 
 
+@functools.lru_cache(maxsize=256)
 def encode_dtype(dt: np.dtype) -> str | None:
     """The description of ``dt`` carried in a message, or None if it cannot
     travel by handle (object fields, titles): such arrays go by value."""
@@ -174,12 +175,10 @@ def _node_dtype(node: Any, depth: int) -> np.dtype:
 def entry_of(arr: np.ndarray) -> Entry | None:
     """The table entry for ``arr`` if its data lies in shared memory and its
     dtype can travel, else None."""
-    from ._array import _block_of
-
     code = encode_dtype(arr.dtype)
     if code is None:
         return None
-    found = _block_of(arr)
+    found = _array._block_of(arr)
     if found is None:
         return None
     block, offset = found
@@ -191,8 +190,6 @@ def rebuild_entry(entry: Entry, private: bool = False) -> np.ndarray:
     with ``private`` a plain array over a copy-on-write mapping of it (the
     semantics of an argument pickled by value; only written pages are
     copied)."""
-    from ._array import SharedArray
-
     block, code, itemsize, shape, strides, offset = entry
     dt = decode_dtype(code, itemsize)
     if private:
@@ -200,7 +197,7 @@ def rebuild_entry(entry: Entry, private: bool = False) -> np.ndarray:
             tuple(shape), dt, buffer=block.copy_on_write(), offset=offset, strides=tuple(strides)
         )
     return np.ndarray.__new__(
-        SharedArray, tuple(shape), dt, buffer=block, offset=offset, strides=tuple(strides)
+        _array.SharedArray, tuple(shape), dt, buffer=block, offset=offset, strides=tuple(strides)
     )
 
 
@@ -545,3 +542,8 @@ def share_task_result(obj: Any, threshold: int | None, depth: int = 0) -> tuple[
             if copies:
                 return {k: v for k, (v, _) in pairs_d.items()}, copies
     return obj, 0
+
+
+# Last: ``_array`` uses this module's names while it is imported; this one
+# uses ``_array``'s only when called (no import inside the hot functions).
+from . import _array  # noqa: E402
