@@ -231,7 +231,8 @@ def main() -> None:
     if moved["memshare"] <= spread_ms:
         theirs = "within the floor's own run-to-run spread (nothing measurable)"
     else:
-        theirs = f"{moved['memshare'] * 1e3:.1f} ms ({moved['stock'] / moved['memshare']:.0f}x less)"
+        less = moved["stock"] / moved["memshare"]
+        theirs = f"{moved['memshare'] * 1e3:.1f} ms ({less:.0f}x less)"
     print(
         "Above the floor (the 200 MB row minus the 8-byte row: the transfer itself): "
         f"stock {moved['stock'] * 1e3:.1f} ms, memshare {theirs}.\n"
