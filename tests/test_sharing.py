@@ -281,6 +281,20 @@ def test_plain_values_travel_as_an_ordinary_pickle_with_no_table():
         ms.loads(forged)
 
 
+def test_dumps_of_plain_values_makes_no_arena(tmp_path):
+    env = dict(clean_env(), MEMSHARE_DIR=str(tmp_path))
+    code = "import memshare as ms, os; m = ms.dumps((1, 'x')); print(ms.loads(m), os.listdir('.'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "(1, 'x') []", out
+
+
 # --- bad input: HandleError only --------------------------------------------------------
 
 

@@ -367,6 +367,19 @@ def is_plain(value: Any) -> bool:
     return False
 
 
+def _pickle_with_table(
+    obj: Any, share: ShareFn | None, threshold: int | None, transport: bool
+) -> tuple[list[Entry], bytes]:
+    """(handle table entries, payload) of ``obj``."""
+    if is_plain(obj):
+        return [], pickle.dumps(obj, 5)
+    f = io.BytesIO()
+    cls = TransportPickler if transport else Pickler
+    p = cls(f, share or default_share(threshold), threshold)
+    p.dump(obj)
+    return p.entries, f.getvalue()
+
+
 def encode(
     obj: Any,
     *,
@@ -377,13 +390,8 @@ def encode(
 ) -> bytes:
     """A message for ``obj``: its arrays in the handle table (pinned by
     ``lease`` or this process), the rest pickled into the payload."""
-    if is_plain(obj):
-        return _native.encode_message([], pickle.dumps(obj, 5), lease)
-    f = io.BytesIO()
-    cls = TransportPickler if transport else Pickler
-    p = cls(f, share or default_share(threshold), threshold)
-    p.dump(obj)
-    return _native.encode_message(p.entries, f.getvalue(), lease)
+    entries, payload = _pickle_with_table(obj, share, threshold, transport)
+    return _native.encode_message(entries, payload, lease)
 
 
 def loads_message(entries: list[Entry], payload: bytes) -> Any:
@@ -398,19 +406,25 @@ def loads_message(entries: list[Entry], payload: bytes) -> Any:
     return _Unpickler(io.BytesIO(payload), entries).load()
 
 
-_dumps_lease: tuple[int, Any] | None = None
+#: This process's lease for :func:`dumps`, by pid (a forked child makes its own).
+_dumps_leases: dict[int, Any] = {}
 
 
 def _process_lease() -> Any:
     """This process's lease for :func:`dumps`: it ends when the process exits
     or dies, so a message that is never loaded keeps nothing past its
     sender's life. A forked child makes its own (its inherited copy ends
-    nothing: only the process that took a lease can end it)."""
-    global _dumps_lease
+    nothing: only the process that took a lease can end it). ``setdefault``
+    is atomic under the GIL, so two threads never end up with two leases
+    (the one that lost would end, with the pins of its message, once that
+    message was returned)."""
     pid = os.getpid()
-    if _dumps_lease is None or _dumps_lease[0] != pid:
-        _dumps_lease = (pid, _native.Lease())
-    return _dumps_lease[1]
+    lease = _dumps_leases.get(pid)
+    if lease is None:
+        for other in [p for p in _dumps_leases if p != pid]:
+            del _dumps_leases[other]  # inherited copies: dropping them ends nothing
+        lease = _dumps_leases.setdefault(pid, _native.Lease())
+    return lease
 
 
 def dumps(obj: Any, threshold: int | None = DEFAULT_SHARE_THRESHOLD) -> bytes:
@@ -427,12 +441,17 @@ def dumps(obj: Any, threshold: int | None = DEFAULT_SHARE_THRESHOLD) -> bytes:
     process exits or dies, never longer. Loading after the data is gone
     raises :class:`StaleHandleError`.
     """
+    entries, payload = _pickle_with_table(obj, None, threshold, False)
+    if not entries:
+        return _native.encode_message([], payload)
     try:
-        return encode(obj, lease=_process_lease(), threshold=threshold)
-    except ValueError:
+        return _native.encode_message(entries, payload, _process_lease())
+    except ValueError as e:
+        if "belongs to another arena" not in str(e):
+            raise
         # Data of an arena other than this process's own (received from
         # another process tree): pinned by this process in that arena.
-        return encode(obj, threshold=threshold)
+        return _native.encode_message(entries, payload)
 
 
 def loads(data: bytes) -> Any:

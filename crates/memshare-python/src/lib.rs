@@ -97,8 +97,9 @@ pub fn without_gil<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 /// The stable ABI has no way to ask whether this thread holds the GIL, so
-/// the abi3 build takes it (a no-op when held) and releases it around `f`;
-/// an interpreter that is shutting down is not attached to at all.
+/// the abi3 build takes it (a no-op when held, as it is in numpy's
+/// allocator and in drops) and releases it around `f`; `f` runs without
+/// attaching if the interpreter is not initialized.
 #[cfg(all(not(test), feature = "abi3"))]
 pub fn without_gil<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     let mut f = Some(f);

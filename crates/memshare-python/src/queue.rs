@@ -24,6 +24,17 @@ fn timeout_of(t: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
+/// How long a call with a timeout shorter than this (`put_nowait`,
+/// `get_nowait`) still waits for the arena's lock, without the GIL: long
+/// enough that a moment's contention does not fail it, short enough that a
+/// stopped peer holding the lock costs it only that.
+const LOCK_GRACE: Duration = Duration::from_millis(10);
+
+/// The deadline of the arena-lock waits of a call with timeout `t`.
+fn lock_deadline(t: Option<Duration>) -> Option<Instant> {
+    t.and_then(|t| Instant::now().checked_add(t.max(LOCK_GRACE)))
+}
+
 /// A bounded multi-producer multi-consumer queue of messages (see
 /// `encode_message`) in shared memory. The blocks a message's handle table
 /// lists are owned by the queue while it waits, and by the consumer once
@@ -70,19 +81,16 @@ impl PyQueue {
         let t = timeout_of(timeout)?;
         // The timeout bounds the wait for the arena's lock too (a stopped
         // peer may hold it): past it, the put is Full like any other.
-        let deadline = t.and_then(|t| Instant::now().checked_add(t));
-        let bounded =
-            |deadline: Option<Instant>, f: &dyn Fn() -> Result<(), Error>| match with_deadline(
-                deadline, f,
-            ) {
-                Err(Error::Busy(_)) => Err(Error::Full),
-                r => r,
-            };
-        // Small messages are tried once without releasing the GIL (no wait,
-        // no bulk copy); anything that may block or copy much releases it.
+        let deadline = lock_deadline(t);
+        let bounded = |f: &dyn Fn() -> Result<(), Error>| match with_deadline(deadline, f) {
+            Err(Error::Busy(_)) => Err(Error::Full),
+            r => r,
+        };
+        // Small plain messages are tried once without releasing the GIL (no
+        // wait, no lock, no bulk copy); anything else releases it.
         if data.len() > self.q.inline_size() {
             return py
-                .detach(|| bounded(deadline, &|| self.q.put_message(data, t, true)))
+                .detach(|| bounded(&|| self.q.put_message(data, t, true)))
                 .map_err(to_pyerr);
         }
         let prepared = py
@@ -91,17 +99,13 @@ impl PyQueue {
                 Error::Busy(_) => to_pyerr(Error::Full),
                 e => to_pyerr(e),
             })?;
-        // With the GIL held nothing may wait, not even for the arena's lock
-        // (a put that finds it taken is published as a tombstone and tried
-        // again without the GIL).
-        let now = Some(Instant::now());
-        match bounded(now, &|| {
-            self.q.put_prepared(data, &prepared, Some(Duration::ZERO))
-        }) {
-            Err(Error::Full) if t != Some(Duration::ZERO) => {}
-            r => return r.map_err(to_pyerr),
+        if !prepared.needs_lock() {
+            match self.q.put_prepared(data, &prepared, Some(Duration::ZERO)) {
+                Err(Error::Full) if t != Some(Duration::ZERO) => {}
+                r => return r.map_err(to_pyerr),
+            }
         }
-        py.detach(|| bounded(deadline, &|| self.q.put_prepared(data, &prepared, t)))
+        py.detach(|| bounded(&|| self.q.put_prepared(data, &prepared, t)))
             .map_err(to_pyerr)
     }
 
@@ -115,9 +119,9 @@ impl PyQueue {
         timeout: Option<f64>,
     ) -> PyResult<(Vec<PyEntry>, Bound<'py, PyBytes>)> {
         let t = timeout_of(timeout)?;
-        // The timeout bounds the wait for the arena's lock too (opening the
-        // handles of a message takes it): past it, the get is Empty.
-        let deadline = t.and_then(|t| Instant::now().checked_add(t));
+        // The timeout bounds the wait for the arena's lock too (a message
+        // with handles is claimed only once the lock is free): past it, the
+        // get is Empty and the message stays in the queue.
         let bounded =
             |t: Option<Duration>, deadline: Option<Instant>| match with_deadline(deadline, || {
                 self.q.get_message(t)
@@ -126,11 +130,16 @@ impl PyQueue {
                 r => r,
             };
         // First a try that waits for nothing, not even the arena's lock, so
-        // it may keep the GIL; then a wait without it.
-        let msg = match bounded(Some(Duration::ZERO), Some(Instant::now())) {
-            Err(Error::Empty) if t != Some(Duration::ZERO) => {
-                py.detach(|| bounded(t, deadline)).map_err(to_pyerr)?
-            }
+        // it may keep the GIL; then, if it found nothing or the lock taken, a
+        // wait without the GIL.
+        let first = with_deadline(Some(Instant::now()), || {
+            self.q.get_message(Some(Duration::ZERO))
+        });
+        let msg = match first {
+            Err(Error::Empty) if t == Some(Duration::ZERO) => return Err(to_pyerr(Error::Empty)),
+            Err(Error::Empty | Error::Busy(_)) => py
+                .detach(|| bounded(t, lock_deadline(t)))
+                .map_err(to_pyerr)?,
             r => r.map_err(to_pyerr)?,
         };
         let payload = PyBytes::new(py, msg.payload());

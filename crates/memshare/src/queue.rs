@@ -276,6 +276,14 @@ pub struct Prepared {
     len: usize,
 }
 
+impl Prepared {
+    /// Putting it takes the arena's lock (its table entries are re-pinned
+    /// to the queue), so it is not tried with the GIL held.
+    pub fn needs_lock(&self) -> bool {
+        !self.embedded.is_empty() || self.big.is_some()
+    }
+}
+
 /// Which side of the queue a waiter is on.
 #[doc(hidden)]
 #[derive(Clone, Copy, PartialEq, Eq)]
