@@ -276,15 +276,17 @@ if __name__ == "__main__":
 """
 
 
-def tree_semaphores(pgid: int) -> set[Path]:
-    """The POSIX semaphores mapped by the processes of process group `pgid`
-    (multiprocessing's named semaphores, glibc's sem_open temporaries)."""
+def mapped_semaphores(pgid: int | None = None) -> set[Path]:
+    """The POSIX semaphores (multiprocessing's named semaphores, glibc's
+    sem_open temporaries) mapped by the live processes of process group
+    `pgid`, or by any live process."""
     found = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+            stat = (proc / "stat").read_text()
+            if pgid is not None and int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
                 continue
             for line in (proc / "maps").read_text().splitlines():
                 fields = line.split(maxsplit=5)
@@ -329,7 +331,7 @@ def run_tree_scenario(seed: int) -> None:
             own_semaphores: set[Path] = set()
             try:
                 os.killpg(p.pid, signal.SIGSTOP)
-                own_semaphores = tree_semaphores(p.pid)
+                own_semaphores = mapped_semaphores(p.pid)
             except ProcessLookupError:
                 pass
             finally:
@@ -347,8 +349,12 @@ def run_tree_scenario(seed: int) -> None:
                 break
         # multiprocessing's named semaphores die with their resource tracker
         # only if it survives; this tree's tracker was killed with it. Only
-        # this tree's: other programs (and test sessions) run beside us.
-        for sem in (stdlib_semaphores() - semaphores_before) & own_semaphores:
+        # this tree's: other programs (and test sessions) run beside us. The
+        # tree's are those it mapped when stopped, and those made while it ran
+        # that no live process maps (made by a process of the tree that had
+        # closed them, or exited, before the stop).
+        made = stdlib_semaphores() - semaphores_before
+        for sem in (made & own_semaphores) | (made - mapped_semaphores()):
             sem.unlink(missing_ok=True)
         files = os.listdir(d)
         assert files, "the tree had created an arena"
