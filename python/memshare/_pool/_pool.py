@@ -108,13 +108,18 @@ class Pool(_stdlib.StdPool):
     def _packed_tasks(job, mapper, batches, state) -> Iterator[tuple]:
         """Tasks of a map-like call; iteration errors end it as in the stdlib."""
         i = -1
+        # Every batch of a call has the same function: decide once (5 us a
+        # batch, the bulk of memshare's overhead on tiny tasks).
+        plain_func: dict[int, bool] = {}
         try:
             for i, batch in enumerate(batches):
                 func, items = batch
-                if (
-                    isinstance(func, _PLAIN_FUNCTIONS)
-                    and _callables.by_reference(func, state.main_by_ref)
-                ) and (
+                by_reference = plain_func.get(id(func))
+                if by_reference is None:
+                    by_reference = plain_func[id(func)] = isinstance(
+                        func, _PLAIN_FUNCTIONS
+                    ) and _callables.by_reference(func, state.main_by_ref)
+                if by_reference and (
                     _ATOMIC.issuperset(map(type, items))
                     or all(type(x) is tuple and _is_plain(x) for x in items)
                 ):
