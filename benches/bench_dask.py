@@ -170,37 +170,25 @@ def main() -> None:
         "starts), so it includes Dask's task round trip; a gather row times "
         "`future.result()`. See docs/dask.md.\n"
     )
-    rows = [
-        [
+    # (title, stock row, memshare row): the direct gather has no memshare twin.
+    transfers = [
+        (
             "8 bytes worker to worker (Dask's task round trip: the floor of the rows below)",
-            spread(st["w2w floor"]),
-            spread(ms_["w2w floor"]),
-            ratio(st["w2w floor"][0], ms_["w2w floor"][0]),
-        ],
-        [
-            "200 MB worker to worker, task reads one element",
-            spread(st["w2w first"]),
-            spread(ms_["w2w first"]),
-            ratio(st["w2w first"][0], ms_["w2w first"][0]),
-        ],
-        [
-            "200 MB worker to worker, task sums it",
-            spread(st["w2w sum"]),
-            spread(ms_["w2w sum"]),
-            ratio(st["w2w sum"][0], ms_["w2w sum"][0]),
-        ],
-        [
+            "w2w floor",
+            "w2w floor",
+        ),
+        ("200 MB worker to worker, task reads one element", "w2w first", "w2w first"),
+        ("200 MB worker to worker, task sums it", "w2w sum", "w2w sum"),
+        (
             "200 MB gather to the client (stock: through the scheduler, its default)",
-            spread(st["gather"]),
-            spread(ms_["gather"]),
-            ratio(st["gather"][0], ms_["gather"][0]),
-        ],
-        [
-            "200 MB gather to the client (stock: direct_to_workers=True)",
-            spread(st["gather direct"]),
-            spread(ms_["gather"]),
-            ratio(st["gather direct"][0], ms_["gather"][0]),
-        ],
+            "gather",
+            "gather",
+        ),
+        ("200 MB gather to the client (stock: direct_to_workers=True)", "gather direct", "gather"),
+    ]
+    rows = [
+        [title, spread(st[a]), spread(ms_[b]), ratio(st[a][0], ms_[b][0])]
+        for title, a, b in transfers
     ]
     print(
         table(

@@ -34,6 +34,13 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MEMSHARE_")}
 
 
+def run_python(*args: str, env: dict[str, str], cwd=None) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` to completion (bounded), capturing its output."""
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=TIMEOUT
+    )
+
+
 # --- exceptions ----------------------------------------------------------------
 
 
@@ -143,21 +150,9 @@ def test_saved_results_load_in_a_later_unrelated_program(tmp_path):
     saver.write_text(SAVER)
     loader.write_text(LOADER)
     env = clean_env()
-    out = subprocess.run(
-        [sys.executable, str(saver), str(data)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
+    out = run_python(str(saver), str(data), env=env)
     assert out.returncode == 0, out.stderr
-    out = subprocess.run(
-        [sys.executable, str(loader), str(data)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
+    out = run_python(str(loader), str(data), env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -229,9 +224,7 @@ def test_dumps_lifetime_is_the_senders():
     )
     env = clean_env()
     env["MEMSHARE_DIR"] = os.environ.get("MEMSHARE_DIR", "/dev/shm")
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT
-    )
+    out = run_python("-c", code, env=env)
     assert out.returncode == 0, out.stderr
     with pytest.raises(ms.StaleHandleError, match="freed"):
         ms.loads(bytes.fromhex(out.stdout))
@@ -249,9 +242,7 @@ def test_dumps_message_never_loaded_is_released_when_its_sender_exits():
     )
     env = dict(os.environ)
     assert env.get("MEMSHARE_ARENA")
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT
-    )
+    out = run_python("-c", code, env=env)
     assert out.returncode == 0, out.stderr
     gc.collect()
     assert ms.stats()["pins"] == 0  # nothing is held for the message
@@ -284,14 +275,7 @@ def test_plain_values_travel_as_an_ordinary_pickle_with_no_table():
 def test_dumps_of_plain_values_makes_no_arena(tmp_path):
     env = dict(clean_env(), MEMSHARE_DIR=str(tmp_path))
     code = "import memshare as ms, os; m = ms.dumps((1, 'x')); print(ms.loads(m), os.listdir('.'))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=TIMEOUT,
-    )
+    out = run_python("-c", code, env=env, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "(1, 'x') []", out
 
 

@@ -51,10 +51,7 @@ def _encode(obj: Any, threshold: int | None) -> bytes:
     one-entry message (no payload), what Rust's ``Queue::put_array`` sends
     and ``get_array`` takes; anything else is a pickle over a handle table."""
     if type(obj) in (np.ndarray, SharedArray) and not obj.dtype.hasobject:
-        entry = _sharing.entry_of(obj)  # the hot path: an array already shared
-        if entry is None:
-            picked = _sharing.default_share(threshold)(obj)
-            entry = None if picked is None else _sharing.entry_of(picked[0])
+        entry = _sharing.transport_entry(obj, threshold)
         if entry is not None:
             return _native.encode_message([entry], b"")
     return _sharing.encode(obj, threshold=threshold)

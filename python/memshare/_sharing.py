@@ -238,6 +238,21 @@ extra_reducers: dict[type, Callable[[Any], Any]] = {}
 ShareFn = Callable[[np.ndarray], "tuple[np.ndarray, bool] | None"]
 
 
+def _worth_sharing(arr: np.ndarray, threshold: int | None) -> bool:
+    """A private array of at least ``threshold`` bytes (None: never) whose
+    dtype can travel by handle."""
+    return threshold is not None and arr.nbytes >= threshold and encode_dtype(arr.dtype) is not None
+
+
+def transport_entry(arr: np.ndarray, threshold: int | None) -> Entry | None:
+    """The table entry ``arr`` travels as: its own if it is shared, that of a
+    shared copy if it is worth sharing, else None (it goes by value)."""
+    entry = entry_of(arr)
+    if entry is None and _worth_sharing(arr, threshold):
+        entry = entry_of(_share_copy(arr))
+    return entry
+
+
 def default_share(threshold: int | None) -> ShareFn:
     """Shared arrays go as they are; private ones of at least ``threshold``
     bytes are copied into shared memory once (None: never)."""
@@ -245,7 +260,7 @@ def default_share(threshold: int | None) -> ShareFn:
     def share(arr: np.ndarray) -> tuple[np.ndarray, bool] | None:
         if entry_of(arr) is not None:
             return arr, False
-        if threshold is not None and arr.nbytes >= threshold and encode_dtype(arr.dtype):
+        if _worth_sharing(arr, threshold):
             return _share_copy(arr), False
         return None
 

@@ -66,13 +66,11 @@ class _Packed:
         return pickle.loads(self.data)
 
 
-_ATOMIC = _sharing.ATOMIC
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
-_is_plain = _sharing.is_plain
 
 
 def _pack(value: Any) -> Any:
-    if _is_plain(value):
+    if _sharing.is_plain(value):
         return value
     f = io.BytesIO()
     try:
@@ -88,7 +86,7 @@ def _executor_result(obj: Any) -> Any:
     parent is a notebook), wrapped so that objects of classes that came by
     value go back by value."""
     obj = _share_result(obj)
-    if _is_plain(obj) or _callables.main_is_reimported():
+    if _sharing.is_plain(obj) or _callables.main_is_reimported():
         return obj
     return _callables.by_value(obj)
 

@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from .. import _callables, _native, _process
+from .. import _callables, _native, _process, _sharing
 from . import _stdlib
 from ._arguments import _CallState
 from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold, check_process_slots
 from ._health import WorkerLostError, _Health, _make_process
-from ._packing import _ATOMIC, _PLAIN_FUNCTIONS, _is_plain, _unpack
+from ._packing import _PLAIN_FUNCTIONS, _unpack
 from ._progress import _make_progress
 from ._results import _ApplyResult, _IMapIterator, _IMapUnorderedIterator, _MapResult
 from ._stdlib import RUN, TERMINATE, mapstar
@@ -108,20 +108,19 @@ class Pool(_stdlib.StdPool):
     def _packed_tasks(job, mapper, batches, state) -> Iterator[tuple]:
         """Tasks of a map-like call; iteration errors end it as in the stdlib."""
         i = -1
-        # Every batch of a call has the same function: decide once (5 us a
-        # batch, the bulk of memshare's overhead on tiny tasks).
-        plain_func: dict[int, bool] = {}
+        # Every batch of a call has the same function (the stdlib's mapper):
+        # decide once whether it goes by reference (5 us a batch otherwise).
+        by_reference = None
         try:
             for i, batch in enumerate(batches):
                 func, items = batch
-                by_reference = plain_func.get(id(func))
                 if by_reference is None:
-                    by_reference = plain_func[id(func)] = isinstance(
-                        func, _PLAIN_FUNCTIONS
-                    ) and _callables.by_reference(func, state.main_by_ref)
+                    by_reference = isinstance(func, _PLAIN_FUNCTIONS) and _callables.by_reference(
+                        func, state.main_by_ref
+                    )
                 if by_reference and (
-                    _ATOMIC.issuperset(map(type, items))
-                    or all(type(x) is tuple and _is_plain(x) for x in items)
+                    _sharing.ATOMIC.issuperset(map(type, items))
+                    or all(type(x) is tuple and _sharing.is_plain(x) for x in items)
                 ):
                     # Nothing here can hold shared memory: the stdlib's way.
                     yield _stdlib.task(job, i, _run_direct, (mapper, batch))
