@@ -58,49 +58,59 @@ def run(processes: int) -> tuple[float, float]:
 SCALING = """\
 ### How the allocation design scales to 64 or more cores
 
-Today every allocation, free, handle sent and handle received takes the one
-arena-wide robust mutex for a few hundred nanoseconds (best-fit bins, a
-holder bit, a pin slot). On 2 cores that lock is never the bottleneck (the
-table above: the rate of several processes is that of the cores, not of the
-lock). It will be at 64 cores: a futex-backed mutex that many processes
-contend for serialises them, and its cache line moves between cores on every
-acquisition, so the rate of the whole machine stays that of one core
-(roughly 1-3 million transactions/s) while the work per core shrinks. The
-figures that tell how close a workload is: `ms.stats()["lock_acquisitions"]`
-per task (see the Pool and Queue tables: workload (a) takes about 17 per task
-today, the goal is 4).
+Allocations, frees, handles sent and handles received that touch shared
+state take the one arena-wide robust mutex for a few hundred nanoseconds
+(best-fit bins, a holder bit, a pin slot). On 2 cores that lock is never
+the bottleneck (the table above: the rate of several processes is that of
+the cores, not of the lock). It would be at 64 cores: a futex-backed mutex
+that many processes contend for serialises them, and its cache line moves
+between cores on every acquisition, so the rate of the whole machine stays
+that of one core (roughly 1-3 million transactions/s) while the work per
+core shrinks. So the hot paths avoid it; `ms.stats()["lock_acquisitions"]`
+per task says how far (the Pool and Queue tables).
 
-The design that scales (not built yet; the counts above are its baseline):
+Built:
 
-1. **Per-process caches of free blocks in size classes** (powers of two from
-   64 KiB up to the segment growth step). A free goes to the freeing
-   process's cache when it is the block's last holder; an allocation of that
-   class is served from the cache with no shared lock. The shared heap sees
-   only batches: a cache over its budget (e.g. 64 MiB or 8 blocks per class)
-   returns half of it in one transaction, so N frees cost N/8 lock
-   acquisitions instead of N.
-2. **Ownership stays in shared memory.** A cached block keeps a header state
-   CACHED with the owner's (slot, epoch), so crash repair, which already runs
-   under the mutex when a holder dies (EOWNERDEAD) or when `reap` finds a
-   dead slot, returns a dead process's cached blocks to the bins exactly as it
-   frees its held blocks. On exit the process flushes its caches in one
-   transaction.
+1. **A per-process cache of free blocks** (`arena/cache.rs`). A block that a
+   process allocated and never shared (no handle, no owned pins, no fork
+   since) has no holder but that process, so its free and its reuse by the
+   next allocation of its size take no lock: numpy temporaries of each task
+   reuse those of the last one. Ownership stays in shared memory: a cached
+   block is still a live block held by its process's slot, so a dead
+   process's cache is reaped like anything else it held, with no repair
+   step. The cache is bounded (16 blocks, 64 MiB, 1/32 of the limit and of
+   the directory) and returns to the shared heap in one transaction: on
+   overflow, when an allocation finds no room, before a fork, after a second
+   idle, and at exit. The table above is this path (blocks made and freed
+   by one process).
+2. **One pin per call for an argument every task receives** (a lease pin
+   that opens leave in place), and **workers that keep such arguments open**
+   between consecutive tasks (they let go before they wait for work). The
+   frame of workload (a) costs no lock per task in the steady state.
+
+Workload (a) went from 16.4 acquisitions per task to the figure in the Pool
+table; what is left is the result's own path (the worker allocates it, pins
+it and lets go of it; the parent opens it and frees it), which crosses
+processes and so goes through the shared heap.
+
+Not built, and the next steps past 2 cores:
+
 3. **Hand-offs without the lock.** Sending a handle pins the block in the
    pin table (one transaction) and receiving consumes it (another). With a
    per-process pin range (each slot owns a slice of the pin table; only its
    owner writes it, the receiver clears it with one atomic compare-exchange)
    both go lock-free; the holder bitmap is already per slot and can be set
    with an atomic OR.
-4. **More arenas than one.** Past a few hundred cores even batched traffic
-   on one lock is a hotspot; the control header can hold several heaps (one
-   per NUMA node or per group of slots), each with its own mutex, and a block
+4. **Batched cross-process frees.** A block freed by a process that did not
+   allocate it (the parent freeing a worker's result) goes to the freeing
+   process's cache only if that process allocates that size itself; a
+   per-size exchange list in shared memory (one atomic push, no mutex) would
+   let the worker that allocates results take them back without the lock.
+5. **More heaps than one.** Past a few hundred cores even batched traffic on
+   one lock is a hotspot; the control header can hold several heaps (one per
+   NUMA node or per group of slots), each with its own mutex, and a block
    reference already names its segment, so a free finds its heap without a
    lookup.
-
-With 1-3, a task that receives a cached frame and returns a result of a
-cached size class takes no shared lock in the steady state; the mutex is left
-for growth, batch returns and repair, whose rate does not grow with the core
-count.
 """
 
 

@@ -10,6 +10,7 @@ import multiprocessing.pool
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -306,6 +307,35 @@ def test_large_arguments_shared_once_per_call(ctx):
         assert _pool.counters["shared_arguments"] == before + 2
         assert out[5] == (5.0, True, True)
     assert not ms.is_shared(arr)  # the caller's array is untouched
+
+
+def first_item(arr, i):
+    return float(arr[0]) + i
+
+
+def test_an_argument_every_task_receives_is_pinned_once_per_call(ctx):
+    """The second task that sends an array switches to one message whose pin
+    the call's lease keeps: 200 tasks cost the parent a handful of arena
+    transactions, not one pin each, and nothing stays pinned after the call."""
+    with Pool(2, context=ctx) as pool:
+        # Made after the workers started (a forked worker would hold its own
+        # copy of every reference its parent had).
+        arr = ms.zeros(300_000)
+        arr[0] = 7.0
+        base = ms.stats()
+        locks0 = ms.stats()["lock_acquisitions"]
+        out = pool.starmap(first_item, [(arr, i) for i in range(200)], chunksize=1)
+        locks = ms.stats()["lock_acquisitions"] - locks0
+        assert out == [7.0 + i for i in range(200)]
+        assert locks < 20, f"{locks} arena transactions for 200 tasks of one argument"
+        assert ms.stats()["pins"] == base["pins"]
+        # Workers let go of the call's argument before they wait for work:
+        # once the caller drops it, it is freed while the pool idles.
+        del arr
+        deadline = time.monotonic() + T
+        while ms.stats()["live_blocks"] > base["live_blocks"] - 1:
+            assert time.monotonic() < deadline, "an idle worker still holds the call's argument"
+            time.sleep(0.01)
 
 
 def test_writes_to_arguments_stay_private(ctx):

@@ -391,14 +391,20 @@ def test_a_calls_pins_belong_to_its_lease_and_end_with_it():
 
     big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: copied once, sent by handle
     lease = _native.Lease()
-    memo: dict = {}
+    memo = _sharing.CallMemo()
     before = ms.stats()["pins"]
     rv, copied = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
     again, copied_again = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
     assert copied and not copied_again  # once per call
     assert ms.stats()["pins"] == before + 2  # two messages in flight, never received
+    # From the second time on: one message whose pin the lease keeps.
+    third, _ = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
+    assert third == again and ms.stats()["pins"] == before + 2
+    for _ in range(3):  # opens leave a kept pin in place
+        assert np.array_equal(third[0](*third[1]), big)
+    assert ms.stats()["pins"] == before + 2
     # The call ends without any worker opening its messages: its lease goes.
-    del lease, rv, again, memo
+    del lease, rv, again, third, memo
     gc.collect()
     assert ms.stats()["pins"] == before
 

@@ -81,12 +81,17 @@ def stats() -> dict:
     back included), ``memfd_segments`` (memory-backed segments, used when the
     shm directory is full), ``retain`` (see :func:`set_retain`), ``live_blocks``,
     ``segments``, ``pins`` (handles sent but not yet received), ``processes``
-    attached, and ``limit`` (None if unlimited). Two figures are this
+    attached, and ``limit`` (None if unlimited). Three figures are this
     process's own, counted since it started (or forked):
     ``lock_acquisitions``, how many times it took the arena's shared mutex
-    (allocations, frees, handles sent and received, this call excluded), and
+    (allocations, frees, handles sent and received, this call excluded);
     ``populated_bytes``, how much of the large blocks it received had their
-    page tables filled ahead of use by its background thread.
+    page tables filled ahead of use by its background thread; and
+    ``cached_bytes``, the free blocks it keeps for its next allocations
+    without the lock (blocks it made and never shared, such as numpy
+    temporaries; at most 64 MiB, see docs/how-it-works.md). Its own cache
+    counts as free in ``bytes_in_use`` and ``live_blocks``; other processes
+    count it as in use.
     """
     return _native.stats()
 

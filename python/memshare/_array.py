@@ -96,6 +96,13 @@ def _rebuild_private(message: bytes) -> np.ndarray:
     return _sharing.rebuild_entry(entries[0], private=True)
 
 
+def _rebuild_kept(message: bytes, private: bool) -> np.ndarray:
+    """Loads a pool call's argument sent with a kept pin (``_sharing.CallMemo``):
+    a SharedArray, or with ``private`` a copy-on-write view (a fresh one per
+    task, over the block the worker may still have open)."""
+    return _sharing.rebuild_entry(_sharing.open_kept(message)[0], private=private)
+
+
 class SharedArray(np.ndarray):
     """A ``numpy.ndarray`` whose data lives in memshare shared memory.
 

@@ -30,6 +30,7 @@ import json
 import os
 import pickle
 import re
+import weakref
 from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -411,14 +412,16 @@ def encode(
 
 def loads_message(entries: list[Entry], payload: bytes) -> Any:
     """Unpickles the payload of a message whose entries are open."""
-    if not entries:
-        try:
+    try:
+        if not entries:
             return pickle.loads(payload)
-        except pickle.UnpicklingError as e:
-            if "persistent" in str(e):  # names a table entry there is none of
-                raise HandleError("memshare: message payload names no table entry") from None
-            raise
-    return _Unpickler(io.BytesIO(payload), entries).load()
+        return _Unpickler(io.BytesIO(payload), entries).load()
+    except (pickle.UnpicklingError, EOFError) as e:
+        if "persistent" in str(e):  # names a table entry there is none of
+            raise HandleError("memshare: message payload names no table entry") from None
+        # The table checked out (its MAC), the payload after it did not:
+        # a message cut short or damaged on its way.
+        raise HandleError(f"memshare: message payload is damaged ({e})") from None
 
 
 #: This process's lease for :func:`dumps`, by pid (a forked child makes its own).
@@ -489,11 +492,11 @@ def loads(data: bytes) -> Any:
 # task that never reaches a worker releases them when the call ends.
 
 
-def _one_entry(arr: np.ndarray, lease: Any = None) -> bytes | None:
+def _one_entry(arr: np.ndarray, lease: Any = None, kept: bool = False) -> bytes | None:
     entry = entry_of(arr)
     if entry is None:
         return None
-    return _native.encode_message([entry], b"", lease)
+    return _native.encode_message([entry], b"", lease, kept)
 
 
 def _shares_by_copy(arr: np.ndarray, threshold: int | None) -> bool:
@@ -506,8 +509,38 @@ def _shares_by_copy(arr: np.ndarray, threshold: int | None) -> bool:
     )
 
 
+class CallMemo:
+    """What one pool call has sent, so that an array every task receives
+    costs one pin per call instead of one per task.
+
+    The first time an array goes, its message is pinned for one receiver
+    (consumed when a worker opens it): a stream of distinct arrays keeps
+    nothing alive past its tasks. From the second time on, the call sends
+    one message whose pin its lease keeps (``kept``): workers open it any
+    number of times, and those that still have it open from their last task
+    open nothing (:func:`open_kept`). Private arrays copied into shared
+    memory are copied once per call either way.
+    """
+
+    __slots__ = ("copies", "kept", "seen")
+
+    def __init__(self) -> None:
+        #: key -> (array, its shared copy, kept message of the copy or None)
+        self.copies: dict[tuple, list] = {}
+        #: key -> (array, kept message): arrays sent more than once
+        self.kept: dict[tuple, tuple[np.ndarray, bytes]] = {}
+        #: key -> array sent once (weakly: a stream of arrays is not kept)
+        self.seen: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _memo_key(arr: np.ndarray) -> tuple:
+    from ._array import _data_address
+
+    return (_data_address(arr), arr.nbytes, arr.shape, arr.strides, arr.dtype.str)
+
+
 def reduce_call_argument(
-    arr: np.ndarray, memo: dict, threshold: int | None, lease: Any
+    arr: np.ndarray, memo: CallMemo, threshold: int | None, lease: Any
 ) -> tuple[Any, bool]:
     """How a pool call sends the array ``arr``: ``(reduce value or
     NotImplemented, copied)``.
@@ -517,24 +550,82 @@ def reduce_call_argument(
     into shared memory once per call (``memo``, keyed by the array's memory)
     and arrive as copy-on-write views: a task that writes to its argument
     changes only its own copy, as with arguments pickled by value. Smaller
-    ones are pickled by value.
+    ones are pickled by value. An array sent again in the same call goes as
+    one message with a kept pin (see :class:`CallMemo`).
     """
-    from ._array import _data_address, _rebuild, _rebuild_private
+    from ._array import _rebuild, _rebuild_kept, _rebuild_private
 
     if arr.dtype.hasobject:
         return NotImplemented, False
-    message = _one_entry(arr, lease)
-    if message is not None:
-        return (_rebuild, (message,)), False
+    if entry_of(arr) is not None:
+        key = _memo_key(arr)
+        hit = memo.kept.get(key)
+        if hit is not None and hit[0] is arr:
+            return (_rebuild_kept, (hit[1], False)), False
+        if memo.seen.get(key) is arr:
+            message = _one_entry(arr, lease, kept=True)
+            memo.kept[key] = (arr, message)
+            return (_rebuild_kept, (message, False)), False
+        try:
+            memo.seen[key] = arr
+        except TypeError:  # pragma: no cover - every ndarray takes weak references
+            pass
+        return (_rebuild, (_one_entry(arr, lease),)), False
     if not _shares_by_copy(arr, threshold):
         return NotImplemented, False
-    key = (_data_address(arr), arr.nbytes, arr.shape, arr.strides, arr.dtype.str)
-    hit = memo.get(key)
-    copied = hit is None
+    key = _memo_key(arr)
+    hit = memo.copies.get(key)
     if hit is None:
         # Keeping `arr` alive keeps its address from being reused in the call.
-        hit = memo[key] = (arr, _share_copy(arr))
-    return (_rebuild_private, (_one_entry(hit[1], lease),)), copied
+        memo.copies[key] = [arr, _share_copy(arr), None]
+        return (_rebuild_private, (_one_entry(memo.copies[key][1], lease),)), True
+    if hit[2] is None:
+        hit[2] = _one_entry(hit[1], lease, kept=True)
+    return (_rebuild_kept, (hit[2], True)), False
+
+
+# --- a pool worker's arguments that stay open from one task to the next --------------
+
+#: message -> [opened entries, serial of the last task that used them]
+_kept_open: dict[bytes, list] = {}
+_task_serial = 0
+#: True in a pool worker whose task queue calls :func:`worker_takes_task`
+#: (elsewhere nothing would let go of kept arguments while idle).
+_keep_arguments_open = False
+
+
+def open_kept(message: bytes) -> list:
+    """The opened entries of a message with a kept pin: those of the last
+    task if it used the same message (no arena lock taken), else opened now."""
+    hit = _kept_open.get(message)
+    if hit is not None:
+        hit[1] = _task_serial
+        return hit[0]
+    entries, payload = _native.decode_message(message)
+    if len(entries) != 1 or payload:
+        raise HandleError("memshare: not a single-array message")
+    if _keep_arguments_open:
+        _kept_open[message] = [entries, _task_serial]
+    return entries
+
+
+def begin_task() -> None:
+    """A pool task starts: what the task before it did not use is let go."""
+    global _task_serial
+    for message in [m for m, (_, used) in _kept_open.items() if used != _task_serial]:
+        del _kept_open[message]
+    _task_serial += 1
+
+
+def worker_takes_task(waits: bool) -> None:
+    """Called by a pool worker's task queue as it takes a task
+    (``_stdlib.TaskQueue``), ``waits`` if none is there yet: from then on the
+    worker keeps arguments open between tasks, and lets go of all of them
+    before it waits (so an idle pool holds nothing a finished call sent)."""
+    global _keep_arguments_open
+    _keep_arguments_open = True
+    if waits:
+        _kept_open.clear()
 
 
 def reduce_task_result(arr: np.ndarray, threshold: int | None) -> tuple[Any, bool]:

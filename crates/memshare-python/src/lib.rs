@@ -427,6 +427,7 @@ fn stats_dict<'py>(py: Python<'py>, s: memshare::Stats) -> PyResult<Bound<'py, P
     d.set_item("pins", s.pins)?;
     d.set_item("processes", s.processes)?;
     d.set_item("max_processes", s.max_processes)?;
+    d.set_item("cached_bytes", s.cached_bytes)?;
     d.set_item(
         "limit",
         if s.limit == u64::MAX {

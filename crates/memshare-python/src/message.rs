@@ -43,9 +43,11 @@ impl PyLease {
     }
 }
 
-/// A handle of `block` pinned by `lease`, or by this process.
-fn pinned(block: &Block, lease: Option<&PyLease>) -> memshare::Result<Handle> {
+/// A handle of `block` pinned by `lease` (kept on open with `kept`), or by
+/// this process.
+fn pinned(block: &Block, lease: Option<&PyLease>, kept: bool) -> memshare::Result<Handle> {
     match lease {
+        Some(l) if kept => block.handle_leased_kept(&l.lease),
         Some(l) => block.handle_leased(&l.lease),
         None => block.handle(),
     }
@@ -53,15 +55,23 @@ fn pinned(block: &Block, lease: Option<&PyLease>) -> memshare::Result<Handle> {
 
 /// Encodes a message: a handle table of `entries` (each block pinned for
 /// the receiver, by `lease` or by this process) followed by `payload`.
+/// With `kept` (and a lease), opening the message leaves its pins in place:
+/// it opens any number of times until the lease ends.
 /// Layouts are checked against their blocks before anything is pinned.
 #[pyfunction]
-#[pyo3(signature = (entries, payload, lease=None))]
+#[pyo3(signature = (entries, payload, lease=None, kept=false))]
 pub fn encode_message<'py>(
     py: Python<'py>,
     entries: Vec<EntryIn<'py>>,
     payload: &[u8],
     lease: Option<&PyLease>,
+    kept: bool,
 ) -> PyResult<Bound<'py, PyBytes>> {
+    if kept && lease.is_none() {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "memshare: kept=True needs a lease (its pins end with it)",
+        ));
+    }
     let mut layouts = Vec::with_capacity(entries.len());
     for (block, dtype, itemsize, shape, strides, offset) in &entries {
         let layout = ArrayMeta {
@@ -78,7 +88,7 @@ pub fn encode_message<'py>(
     let mut made: Vec<(Handle, &Block)> = Vec::with_capacity(entries.len());
     for ((block, ..), layout) in entries.iter().zip(layouts) {
         let b = &block.block;
-        let handle = match pinned(b, lease) {
+        let handle = match pinned(b, lease, kept) {
             Ok(h) => h,
             Err(e) => {
                 // Release the pins made so far: nobody will receive them.

@@ -21,7 +21,7 @@ use crate::sys::MUTEX_BYTES;
 pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"MSHRCTL\0");
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"MSHRSEG\0");
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"MSBK");
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Payloads are aligned to a cache line (and to every numpy dtype).
 pub const ALIGN: u64 = 64;
@@ -69,6 +69,10 @@ pub const PIN_PROCESS: u32 = 1;
 pub const PIN_LEASE: u32 = 2;
 /// Owned by block `owner` (generation `owner_generation`), e.g. a queue.
 pub const PIN_BLOCK: u32 = 3;
+/// Owned by a lease like `PIN_LEASE`, but kept when a handle is opened: the
+/// handle of an argument that every task of a pool call receives opens any
+/// number of times until the lease ends.
+pub const PIN_LEASE_KEPT: u32 = 4;
 
 pub const LEASE_FREE: u32 = 0;
 pub const LEASE_LIVE: u32 = 1;
@@ -167,7 +171,7 @@ pub struct PinEntry {
     /// Block pinned by an in-flight handle, `BlockRef::NIL` if the entry is free.
     pub block: BlockRef,
     pub generation: u64,
-    /// `PIN_FREE`, `PIN_PROCESS`, `PIN_LEASE` or `PIN_BLOCK`.
+    /// `PIN_FREE`, `PIN_PROCESS`, `PIN_LEASE`, `PIN_BLOCK` or `PIN_LEASE_KEPT`.
     pub kind: u32,
     /// The process whose quota the pin counts against (process and lease
     /// pins), with its epoch; `OWNED_PIN_SLOT` for block-owned pins.
@@ -179,14 +183,16 @@ pub struct PinEntry {
     /// owner block, whatever happens to the process that made it.
     pub owner: BlockRef,
     /// The owner block's generation (`PIN_BLOCK`), or the owner lease as
-    /// `generation << 32 | index` (`PIN_LEASE`; see [`PinEntry::lease`]).
+    /// `generation << 32 | index` (`PIN_LEASE`, `PIN_LEASE_KEPT`; see
+    /// [`PinEntry::lease`]).
     pub owner_generation: u64,
     pub next: u32,
     pub prev: u32,
 }
 
 impl PinEntry {
-    /// (index, generation) of the owner lease of a `PIN_LEASE` pin.
+    /// (index, generation) of the owner lease of a `PIN_LEASE` or
+    /// `PIN_LEASE_KEPT` pin.
     pub fn lease(&self) -> (u32, u32) {
         (
             self.owner_generation as u32,

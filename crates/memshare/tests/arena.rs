@@ -499,6 +499,40 @@ fn a_lease_releases_its_pins_when_dropped() {
     assert!(matches!(arena.open(&h), Err(Error::StaleHandle(_))));
 }
 
+#[test]
+fn a_kept_lease_pin_opens_many_times_until_the_lease_ends() {
+    let dir = TestDir::new("kept");
+    let arena = Arena::create(&dir.0).unwrap();
+    let a = arena.alloc(8192, false).unwrap();
+    let lease = arena.lease().unwrap();
+    let h = a.handle_leased_kept(&lease).unwrap();
+    drop(a);
+    let opened: Vec<_> = (0..5).map(|_| arena.open(&h).unwrap()).collect();
+    assert_eq!(
+        arena.stats().unwrap().pins,
+        1,
+        "opens leave a kept pin in place"
+    );
+    drop(opened);
+    let s = arena.stats().unwrap();
+    assert_eq!(
+        (s.pins, s.live_blocks),
+        (1, 1),
+        "the kept pin alone keeps the block"
+    );
+    let again = arena.open(&h).unwrap();
+    drop(lease);
+    let s = arena.stats().unwrap();
+    assert_eq!(
+        (s.pins, s.live_blocks),
+        (0, 1),
+        "the lease's end releases it; the reference stays"
+    );
+    drop(again);
+    assert_eq!(arena.stats().unwrap().live_blocks, 0);
+    assert!(matches!(arena.open(&h), Err(Error::StaleHandle(_))));
+}
+
 /// Child half of `one_process_cannot_starve_the_others`: pins its whole
 /// quota without sending anything, then dies.
 #[test]

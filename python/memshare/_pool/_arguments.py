@@ -30,8 +30,9 @@ def _frames():
 
 
 class _CallState:
-    """What one call shares: a memo of shared copies and the Lease that owns
-    the pins of its messages.
+    """What one call shares: a memo of what it sent (shared copies, and the
+    messages of arrays every task receives) and the Lease that owns the pins
+    of its messages.
 
     Lives as long as the call's result object and its task generator; when it
     goes, the shared copies it made are dropped (workers keep what they
@@ -45,7 +46,7 @@ class _CallState:
         self.threshold = threshold
         # Whether the workers can look up our __main__ (_callables).
         self.main_by_ref = main_by_ref
-        self.arrays: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.arrays = _sharing.CallMemo()
         self.frames: dict[int, tuple[Any, Any]] = {}
         self.owner: _native.Lease | None = None
         self.lock = threading.Lock()

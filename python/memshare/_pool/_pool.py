@@ -90,6 +90,9 @@ class Pool(_stdlib.StdPool):
 
     def _setup_queues(self) -> None:
         super()._setup_queues()
+        # Workers keep a call's repeated arguments open between its tasks
+        # and let go of them before they wait for work.
+        _stdlib.set_task_queue(self, _sharing.worker_takes_task)
         reader = _stdlib.result_reader(self)
 
         def get() -> Any:

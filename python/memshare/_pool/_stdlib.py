@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import multiprocessing.pool as _mp_pool
+import multiprocessing.queues as _mp_queues
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from multiprocessing.pool import (
     MaybeEncodingError,
     mapstar,
 )
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "MapResult",
     "MaybeEncodingError",
     "StdPool",
+    "TaskQueue",
     "detach_result",
     "drain_task_queue",
     "end_iterator_with",
@@ -65,6 +68,7 @@ __all__ = [
     "self_check",
     "set_process_factory",
     "set_result_getter",
+    "set_task_queue",
     "stop_worker_handler",
     "task",
     "worker_processes",
@@ -131,6 +135,43 @@ def set_result_getter(pool: StdPool, get: Callable[[], Any]) -> None:
     """Make the result handler thread receive results with ``get()``; call
     from ``_setup_queues`` after the stdlib's own."""
     pool._quick_get = get
+
+
+class TaskQueue(_mp_queues.SimpleQueue):
+    """A pool's task queue whose ``get`` (in a worker) first calls
+    ``on_get(waits)``, ``waits`` true if it has to wait: for the read lock
+    (another worker waits for the next task) or for a task. It looks under
+    the read lock, so a worker never waits without having said so first."""
+
+    def __init__(self, *, ctx: Any, on_get: Callable[[bool], None]):
+        super().__init__(ctx=ctx)
+        self._on_get = on_get
+
+    def __getstate__(self):
+        return (super().__getstate__(), self._on_get)
+
+    def __setstate__(self, state):
+        base, self._on_get = state
+        super().__setstate__(base)
+
+    def get(self):
+        if not self._rlock.acquire(False):
+            self._on_get(True)
+            self._rlock.acquire()
+        try:
+            self._on_get(not self._reader.poll(0))
+            res = self._reader.recv_bytes()
+        finally:
+            self._rlock.release()
+        return ForkingPickler.loads(res)
+
+
+def set_task_queue(pool: StdPool, on_get: Callable[[bool], None]) -> None:
+    """Give the pool a :class:`TaskQueue` (call from ``_setup_queues`` after
+    the stdlib's own, before any worker starts)."""
+    pool._inqueue.close()
+    pool._inqueue = TaskQueue(ctx=pool._ctx, on_get=on_get)
+    pool._quick_put = pool._inqueue._writer.send
 
 
 def queue_locks(pool: StdPool) -> tuple[Any, Any]:
@@ -326,6 +367,14 @@ def self_check() -> None:
     # The result handler thread releases a result just after its waiters wake.
     assert is_released(ok) and job_of(ok) not in result_cache(pool)
 
+    hooked = _HookedPool(1, context=ctx)
+    try:
+        assert isinstance(hooked._inqueue, TaskQueue)
+        assert hooked.apply(abs, (-6,)) == 6
+    finally:
+        hooked.terminate()
+        hooked.join()
+
     stopped = ctx.Pool(1)
     stop_worker_handler(stopped)
     stopped.terminate()
@@ -340,6 +389,16 @@ def self_check() -> None:
     assert not queue._rlock.acquire(False), "drain_task_queue must keep the read lock"
     queue._rlock.release()
     queue.close()
+
+
+def _ignore_get(waits: bool) -> None:
+    pass
+
+
+class _HookedPool(StdPool):
+    def _setup_queues(self) -> None:
+        super()._setup_queues()
+        set_task_queue(self, _ignore_get)
 
 
 if __name__ == "__main__":

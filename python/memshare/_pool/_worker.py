@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .. import _allocator, _native
+from .. import _allocator, _native, _sharing
 from ._packing import _executor_result, _pack, set_worker_threshold
 
 
@@ -49,6 +49,7 @@ def _run_direct(mapper: Callable, batch: tuple) -> Any:
 
 def _run_packed(payload: bytes) -> Any:
     """Pool task: unpickle the call, run it, pickle the result."""
+    _sharing.begin_task()
     fn, args, kwds = pickle.loads(payload)
     return _pack(fn(*args, **kwds))
 

@@ -36,6 +36,9 @@ pub struct Stats {
     /// Processes that can be attached at once (one slot each).
     pub max_processes: u64,
     pub limit: u64,
+    /// Free blocks this process keeps for its next allocations (left out
+    /// of its `bytes_in_use` and `live_blocks`; see `cache.rs`).
+    pub cached_bytes: u64,
 }
 
 impl Stats {
@@ -55,6 +58,7 @@ impl Stats {
             processes: ctl.slots.iter().filter(|s| s.state == SLOT_ALIVE).count() as u64,
             max_processes: MAX_PROCS as u64,
             limit: ctl.limit,
+            cached_bytes: 0,
         }
     }
 }
@@ -70,7 +74,16 @@ impl Arena {
     /// (The figure `lock_acquisitions` leaves this call's own lock out.)
     pub fn stats(&self) -> Result<Stats> {
         super::txn::uncount_lock();
-        self.with_txn(|txn| Ok(txn.stats()))
+        self.with_txn(|txn| {
+            // This process's cache is free memory to this process: its
+            // figures say so (another process's cache is memory in use).
+            let mut s = txn.stats();
+            let (bytes, blocks) = (txn.local.cache.bytes(), txn.local.cache.len() as u64);
+            s.bytes_in_use = s.bytes_in_use.saturating_sub(bytes);
+            s.live_blocks = s.live_blocks.saturating_sub(blocks);
+            s.cached_bytes = bytes;
+            Ok(s)
+        })
     }
 
     /// Sets the byte limit of the arena (for every attached process); 0 or

@@ -64,12 +64,25 @@ impl Block {
     /// A handle whose pin belongs to `lease`: released when the receiver
     /// opens it, when the lease is dropped, or when its process dies.
     pub fn handle_leased(&self, lease: &Lease) -> Result<Handle> {
+        self.handle_of_lease(lease, false)
+    }
+
+    /// A handle whose pin belongs to `lease` and is kept when the handle is
+    /// opened: any number of receivers open it, each with a reference of
+    /// its own, until the lease is dropped or its process dies. For an
+    /// argument that every task of a pool call receives (one pin per call
+    /// instead of one per task).
+    pub fn handle_leased_kept(&self, lease: &Lease) -> Result<Handle> {
+        self.handle_of_lease(lease, true)
+    }
+
+    fn handle_of_lease(&self, lease: &Lease, kept: bool) -> Result<Handle> {
         if lease.arena().token() != self.arena.token() {
             return Err(Error::InvalidArgument(
                 "the lease belongs to another arena".into(),
             ));
         }
-        self.make_handle(lease.owner())
+        self.make_handle(lease.owner(kept))
     }
 
     /// A handle whose pin belongs to `owner` (for example a queue the handle

@@ -86,6 +86,15 @@ impl Arena {
         let Ok(Some(mut txn)) = self.inner.try_txn(local) else {
             return;
         };
+        // Blocks this process kept a whole tick without reusing them go back.
+        let now = sys::monotonic_ns();
+        let idle = txn
+            .local
+            .cache
+            .drain_older_than(now.saturating_sub(TICK.as_nanos() as u64));
+        if !idle.is_empty() {
+            let _ = txn.free_cached(idle);
+        }
         let frees = txn.ctl.frees;
         if txn.ctl.decayed_frees == frees && txn.ctl.decay_pending == 0 {
             return; // nothing freed since the last pass of any process

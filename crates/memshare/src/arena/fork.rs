@@ -130,7 +130,11 @@ fn after_fork_in_parent() {
 fn after_fork_in_child() {
     super::txn::reset_lock_acquisitions();
     for_each_local(|local| match local.fork.take() {
-        Some(f) => local.claimed(f.fd, f.slot, f.epoch),
+        Some(f) => {
+            // Emptied before the reservation; the parent's if it was not.
+            local.cache.drain();
+            local.claimed(f.fd, f.slot, f.epoch)
+        }
         // Not prepared (no free slot, or attached after the reservation):
         // this process has no slot; the parent's references are not ours
         // to drop.
@@ -151,6 +155,12 @@ impl Arena {
         let refs: Vec<BlockRef> = local.refs.values().map(|e| e.bref).collect();
         let (slot, epoch) = {
             let mut txn = self.inner.txn(&mut local)?;
+            // The child will hold what we hold: nothing of ours stays
+            // private, and the cache (held by us alone) goes back first.
+            txn.flush_cache()?;
+            for e in txn.local.refs.values_mut() {
+                e.private = false;
+            }
             let (slot, epoch) = txn.claim_slot(&fd)?;
             for r in refs {
                 txn.set_holder(r, slot, true)?;

@@ -269,6 +269,10 @@ impl Txn<'_> {
         // The limit caps the bytes of live blocks (with room for their
         // rounding to whole pages: a block keeps a remainder too small to split).
         let limit = self.ctl.limit.saturating_add(headroom(self.ctl.limit));
+        if size <= (1 << 47) && self.ctl.bytes_in_use.saturating_add(size) > limit {
+            // This process's cache counts as in use: give it back first.
+            self.flush_cache()?;
+        }
         if size > (1 << 47) || self.ctl.bytes_in_use.saturating_add(size) > limit {
             return Err(self.oom(len));
         }
@@ -278,8 +282,9 @@ impl Txn<'_> {
         let r = match self.take_free(size)? {
             Some(r) => r,
             None => {
-                // Under pressure: reclaim what dead processes hold before growing.
-                if self.reap()? {
+                // Under pressure: this process's cache, and what dead
+                // processes hold, go back before the arena grows.
+                if self.flush_cache()? | self.reap()? {
                     if let Some(r) = self.take_free(size)? {
                         return self.mark_live(r, len, flags);
                     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::block::Block;
+use super::cache::{BlockCache, CachedBlock};
 use super::fork::ForkReservation;
 use super::Arena;
 use crate::error::Error;
@@ -23,6 +24,9 @@ pub(super) struct LocalRef {
     /// Stops the background populating of this block (see `prefault`) when
     /// this process drops its last reference.
     pub(super) prefault: Option<Arc<AtomicBool>>,
+    /// Allocated here and held by this process alone ever since (no handle
+    /// made of it, no child forked): freed into the cache (see `cache`).
+    pub(super) private: bool,
 }
 
 impl Drop for LocalRef {
@@ -52,6 +56,8 @@ pub(super) struct Local {
     /// neither use nor release them.
     pub(super) pid: u32,
     pub(super) fork: Option<ForkReservation>,
+    /// Free blocks this process keeps for its next allocations.
+    pub(super) cache: BlockCache,
 }
 
 impl Local {
@@ -69,6 +75,7 @@ impl Local {
             detached: true,
             pid: sys::pid(),
             fork: None,
+            cache: BlockCache::default(),
         }
     }
 
@@ -92,11 +99,21 @@ impl Local {
         !self.detached && self.pid == sys::pid()
     }
 
+    /// Block `r` is no longer this process's alone (see [`LocalRef::private`]).
+    pub(super) fn not_private(&mut self, r: BlockRef) {
+        if let Some(addr) = self.by_ref.get(&r).copied() {
+            if let Some(e) = self.refs.get_mut(&addr) {
+                e.private = false;
+            }
+        }
+    }
+
     /// Forgets every reference without touching shared state.
     pub(super) fn forget(&mut self) {
         self.detached = true;
         self.refs.clear();
         self.by_ref.clear();
+        self.cache.drain();
     }
 
     /// The error for an attachment that is not [`Local::usable`].
@@ -168,14 +185,32 @@ impl Arena {
             return;
         }
         let (bref, generation) = (e.bref, e.generation);
+        let cached = CachedBlock {
+            bref,
+            generation,
+            ptr: addr,
+            size: e.size,
+            readonly: e.readonly,
+            cached_ns: sys::monotonic_ns(),
+        };
+        let private = e.private && local.fork.is_none();
         local.refs.remove(&addr);
         local.by_ref.remove(&bref);
         if !local.usable() {
             return;
         }
+        // Held by this process alone: kept for the next allocation, no lock.
+        let to_free = if private {
+            local.cache.put(cached)
+        } else {
+            vec![cached]
+        };
+        if to_free.is_empty() {
+            return;
+        }
         if let Ok(mut txn) = self.inner.txn(&mut local) {
             // Errors here mean the arena was removed; nothing left to release.
-            let _ = txn.drop_holder(bref, generation);
+            let _ = txn.free_cached(to_free);
         };
     }
 

@@ -23,6 +23,7 @@
 
 mod admin;
 mod block;
+mod cache;
 mod decay;
 mod fork;
 mod heap;
@@ -162,6 +163,7 @@ impl Arena {
         }
         let mut local = Local::new(fd);
         local.claimed_here(slot, epoch);
+        local.cache.cap = cache::cap_bytes(limit, sys::space(dir).0);
         Ok(Self::register(dir, token, map, local))
     }
 
@@ -241,8 +243,10 @@ impl Arena {
             let fd = sys::reopen(&ctl_path(dir, &token))?;
             let mut txn = arena.inner.txn(&mut local)?;
             let (slot, epoch) = txn.claim_slot(&fd)?;
+            let cap = cache::cap_bytes(txn.ctl.limit, sys::space(dir).0);
             drop(txn);
             local.claimed(fd, slot, epoch);
+            local.cache.cap = cap;
         }
         Ok(arena)
     }
@@ -286,6 +290,21 @@ impl Arena {
         if !local.usable() {
             return Err(local.unusable_error());
         }
+        // A block this process freed while it alone held it: no lock.
+        if local.fork.is_none() {
+            if let Some(c) = local.cache.take(payload_size(len as u64), readonly) {
+                return Ok(self.hand_out(
+                    &mut local,
+                    c.bref,
+                    c.generation,
+                    c.ptr as *mut u8,
+                    c.size,
+                    len,
+                    readonly,
+                    true,
+                ));
+            }
+        }
         let (r, generation, ptr, size) = {
             let mut txn = self.inner.txn(&mut local)?;
             let (r, generation) = txn.alloc(len as u64, flags)?;
@@ -293,6 +312,25 @@ impl Arena {
             let size = txn.hdr(r)?.size;
             (r, generation, ptr, size)
         };
+        // While a fork is prepared, the child holds what we allocate.
+        let private = local.fork.is_none();
+        Ok(self.hand_out(&mut local, r, generation, ptr, size, len, readonly, private))
+    }
+
+    /// Records a block just allocated (or taken from the cache) as this
+    /// process's, with one reference.
+    #[allow(clippy::too_many_arguments)]
+    fn hand_out(
+        &self,
+        local: &mut Local,
+        r: BlockRef,
+        generation: u64,
+        ptr: *mut u8,
+        size: u64,
+        len: usize,
+        readonly: bool,
+        private: bool,
+    ) -> Block {
         local.refs.insert(
             ptr as usize,
             LocalRef {
@@ -302,10 +340,11 @@ impl Arena {
                 count: 1,
                 readonly,
                 prefault: None,
+                private,
             },
         );
         local.by_ref.insert(r, ptr as usize);
-        Ok(Block {
+        Block {
             arena: self.clone(),
             bref: r,
             generation,
@@ -313,7 +352,7 @@ impl Arena {
             len,
             capacity: size as usize,
             readonly,
-        })
+        }
     }
 
     /// Opens a handle (possibly made by another process), adopting its pin.
@@ -351,6 +390,7 @@ impl Arena {
             count: 0,
             readonly: flags & BLOCK_READONLY != 0,
             prefault: seg.and_then(|m| prefault::populate_soon(m, ptr as usize, h.len as usize)),
+            private: false,
         });
         entry.count += 1;
         local.by_ref.insert(r, ptr as usize);

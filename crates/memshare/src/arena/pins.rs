@@ -24,8 +24,17 @@ use crate::layout::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PinOwner {
     Process,
-    Lease { index: u32, generation: u32 },
-    Block { block: BlockRef, generation: u64 },
+    /// `kept`: opening the handle leaves the pin in place (see
+    /// [`crate::Block::handle_leased_kept`]).
+    Lease {
+        index: u32,
+        generation: u32,
+        kept: bool,
+    },
+    Block {
+        block: BlockRef,
+        generation: u64,
+    },
 }
 
 /// The owner of the pins of one transport call (for example one pool
@@ -50,10 +59,11 @@ impl Lease {
         &self.arena
     }
 
-    pub(crate) fn owner(&self) -> PinOwner {
+    pub(crate) fn owner(&self, kept: bool) -> PinOwner {
         PinOwner::Lease {
             index: self.index,
             generation: self.generation,
+            kept,
         }
     }
 }
@@ -91,7 +101,15 @@ impl Arena {
         generation: u64,
         owner: PinOwner,
     ) -> Result<(u32, u32, u32)> {
-        self.with_txn(|txn| txn.pin(bref, generation, owner))
+        self.with_txn(|txn| {
+            // A handle of it exists now: no longer this process's alone. An
+            // owner block's free releases what it pins: never cached either.
+            txn.local.not_private(bref);
+            if let PinOwner::Block { block, .. } = owner {
+                txn.local.not_private(block);
+            }
+            txn.pin(bref, generation, owner)
+        })
     }
 }
 
@@ -162,7 +180,7 @@ impl Txn<'_> {
                 let s = &mut self.ctl.slots[p.slot as usize];
                 (s.state == SLOT_ALIVE && s.epoch == p.epoch).then_some(&mut s.pin_head)
             }
-            PIN_LEASE => {
+            PIN_LEASE | PIN_LEASE_KEPT => {
                 let (index, generation) = p.lease();
                 let l = &mut self.ctl.leases[index as usize];
                 (l.state == LEASE_LIVE && l.generation == generation).then_some(&mut l.pin_head)
@@ -213,7 +231,7 @@ impl Txn<'_> {
     /// The slot whose quota pin `idx` counts against, if its process lives.
     pub(super) fn quota_slot(&self, idx: usize) -> Option<usize> {
         let p = &self.ctl.pins[idx];
-        if p.kind != PIN_PROCESS && p.kind != PIN_LEASE {
+        if !matches!(p.kind, PIN_PROCESS | PIN_LEASE | PIN_LEASE_KEPT) {
             return None;
         }
         let s = self.ctl.slots.get(p.slot as usize)?;
@@ -265,12 +283,16 @@ impl Txn<'_> {
         };
         match owner {
             PinOwner::Process => {}
-            PinOwner::Lease { index, generation } => {
+            PinOwner::Lease {
+                index,
+                generation,
+                kept,
+            } => {
                 let l = self.ctl.leases.get(index as usize);
                 if !l.is_some_and(|l| l.state == LEASE_LIVE && l.generation == generation) {
                     return Err(Error::StaleHandle("the lease has ended".into()));
                 }
-                e.kind = PIN_LEASE;
+                e.kind = if kept { PIN_LEASE_KEPT } else { PIN_LEASE };
                 e.owner_generation = lease_tag(index, generation);
             }
             PinOwner::Block { block, generation } => {
@@ -327,7 +349,8 @@ impl Txn<'_> {
         Ok((idx, slot_tag, serial))
     }
 
-    /// Adopts the pin of a handle being opened (drops it from the table).
+    /// Adopts the pin of a handle being opened (drops it from the table),
+    /// unless its lease keeps it for further opens (`PIN_LEASE_KEPT`).
     pub(super) fn consume_pin(&mut self, h: &Handle) -> Result<()> {
         let Some(idx) = h.pin else { return Ok(()) };
         if idx as usize >= MAX_PINS {
@@ -336,6 +359,7 @@ impl Txn<'_> {
         let r = BlockRef::new(h.segment, h.offset);
         let e = &self.ctl.pins[idx as usize];
         if e.kind != PIN_FREE
+            && e.kind != PIN_LEASE_KEPT
             && e.block == r
             && e.generation == h.generation
             && e.serial == h.pin_epoch

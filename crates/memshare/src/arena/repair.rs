@@ -84,7 +84,7 @@ impl Txn<'_> {
                 (p.block, p.generation, p.kind, p.owner, p.owner_generation);
             let owner_ok = match kind {
                 PIN_PROCESS => !dead_epochs.contains(&(p.slot, p.epoch)),
-                PIN_LEASE => {
+                PIN_LEASE | PIN_LEASE_KEPT => {
                     let (index, generation) = p.lease();
                     self.ctl
                         .leases

@@ -88,6 +88,7 @@ impl Inner {
         let slot = local.slot;
         let result = (|| {
             let mut txn = self.txn(&mut local)?;
+            txn.flush_cache()?;
             for (r, generation) in refs {
                 txn.drop_holder(r, generation)?;
             }
