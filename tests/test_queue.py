@@ -122,6 +122,26 @@ def _hold_arena_lock(locked, release):
     _native._debug_release_arena_lock()
 
 
+def test_a_put_moves_the_senders_pin_to_the_queue():
+    """Putting an array moves its pin to the queue in one arena transaction
+    (it used to open the block, re-pin it and let it go: three, the last
+    after the message was published, in the consumer's way)."""
+    q = ms.Queue()
+    a = ms.zeros(1000)
+    q.put(a)  # the first put and get warm what they use
+    q.get(timeout=T)
+    before = ms.stats()
+    q.put(a)
+    after = ms.stats()
+    assert after["lock_acquisitions"] - before["lock_acquisitions"] == 2  # pin, move
+    assert after["pins"] == before["pins"] + 1  # now the queue's
+    got = q.get(timeout=T)
+    assert np.shares_memory(got, a)
+    assert ms.stats()["pins"] == before["pins"]
+    del got, a
+    q.close()
+
+
 @pytest.mark.parametrize("put", ["array", "tuple", "large pickle"])
 def test_get_that_times_out_on_the_arena_lock_keeps_the_message(put):
     """A get whose deadline passes while another process holds the arena

@@ -621,11 +621,14 @@ def worker_takes_task(waits: bool) -> None:
     """Called by a pool worker's task queue as it takes a task
     (``_stdlib.TaskQueue``), ``waits`` if none is there yet: from then on the
     worker keeps arguments open between tasks, and lets go of all of them
-    before it waits (so an idle pool holds nothing a finished call sent)."""
+    before it waits (so an idle pool holds nothing a finished call sent, nor
+    the free blocks its tasks left in its cache)."""
     global _keep_arguments_open
     _keep_arguments_open = True
     if waits:
         _kept_open.clear()
+        # Nor the free blocks its tasks' temporaries left in its cache.
+        _native.flush_block_cache()
 
 
 def reduce_task_result(arr: np.ndarray, threshold: int | None) -> tuple[Any, bool]:

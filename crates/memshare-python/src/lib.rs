@@ -634,6 +634,13 @@ fn _debug_release_arena_lock(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
+/// Gives this process's caches of free blocks back to the shared heap now
+/// (a worker about to idle; they also go by themselves after a second).
+#[pyfunction]
+fn flush_block_cache(py: Python<'_>) -> PyResult<()> {
+    py.detach(memshare::arena::flush_caches).map_err(to_pyerr)
+}
+
 /// How many Rust panics happened in this process (tests assert none).
 #[pyfunction]
 fn panic_count() -> u64 {
@@ -646,6 +653,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     count_panics();
     numpy_hook::install_fork_handlers();
     m.add_function(wrap_pyfunction!(panic_count, m)?)?;
+    m.add_function(wrap_pyfunction!(flush_block_cache, m)?)?;
     m.add_function(wrap_pyfunction!(call_with_timeout, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_hold_arena_lock, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_release_arena_lock, m)?)?;

@@ -266,10 +266,20 @@ impl Message {
     }
 }
 
+/// A table entry of a message being put.
+enum Embedded {
+    /// Still pinned by the sender: its pin moves to the queue (one arena
+    /// transaction), or if it is not this process's own, the block is
+    /// opened and re-pinned.
+    Pinned(Handle),
+    /// Opened (a block of another arena: the queue cannot own its pin).
+    Opened(Block),
+}
+
 /// A message ready to be put (see [`Queue::prepare`]).
 pub struct Prepared {
-    /// (offset, block) of each table entry, opened (the sender's pins adopted).
-    embedded: Vec<(usize, Block)>,
+    /// (offset, entry) of each table entry.
+    embedded: Vec<(usize, Embedded)>,
     /// The message has a handle table (put with `adopt_handles`).
     table: bool,
     big: Option<Block>,
@@ -546,17 +556,24 @@ impl Queue {
     }
 
     /// The part of a put that may take long or fail, done before a slot is
-    /// claimed, holding references of this process (released if it dies):
-    /// opens the table's handles and copies a large message into a block.
+    /// claimed, holding what this process holds (released if it dies): checks
+    /// the table's handles (their pins, this process's, keep the blocks until
+    /// they move to the queue; blocks of other arenas are opened) and copies
+    /// a large message into a block.
     /// A [`Prepared`] can be put several times until it succeeds (e.g. a
     /// non-blocking attempt first), but is consumed by one successful put.
     pub fn prepare(&self, msg: &[u8], adopt_handles: bool) -> Result<Prepared> {
         let arena = self.block.arena();
-        let mut embedded: Vec<(usize, Block)> = Vec::new();
+        let mut embedded: Vec<(usize, Embedded)> = Vec::new();
         if adopt_handles {
             let table = message::decode_in(arena, msg)?;
             for (entry, off) in table.entries.iter().zip(table.offsets) {
-                embedded.push((off, open_in(arena, &entry.handle)?));
+                let h = &entry.handle;
+                embedded.push(if h.token == arena.token() && h.pin.is_some() {
+                    (off, Embedded::Pinned(h.clone()))
+                } else {
+                    (off, Embedded::Opened(open_in(arena, h)?))
+                });
             }
         }
         let big = if msg.len() > self.inline {
@@ -620,9 +637,28 @@ impl Queue {
                     data
                 }
             };
-            for (off, b) in embedded {
-                let (nh, key) = self.repin(b)?;
-                made.push((nh.clone(), key));
+            // The sender's pins move to the queue in one transaction.
+            let pinned: Vec<&Handle> = embedded
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Embedded::Pinned(h) => Some(h),
+                    Embedded::Opened(_) => None,
+                })
+                .collect();
+            let moved = arena.move_pins(&pinned, &self.block)?;
+            // Released with the others if a later entry fails.
+            let key = message::key_of(arena);
+            made.extend(moved.iter().flatten().map(|h| (h.clone(), key)));
+            let mut moved = moved.into_iter();
+            for (off, e) in embedded {
+                let (nh, key) = match e {
+                    Embedded::Pinned(h) => match moved.next().flatten() {
+                        Some(m) => (m, key),
+                        // Not this process's pin (e.g. a lease's): open, re-pin.
+                        None => self.repin_new(&open_in(arena, h)?, &mut made)?,
+                    },
+                    Embedded::Opened(b) => self.repin_new(b, &mut made)?,
+                };
                 let len = entry_len(&msg[*off..]);
                 let mut entry = msg[*off..*off + len].to_vec();
                 message::set_handle(&mut entry, 0, &nh, &key)?;
@@ -652,6 +688,17 @@ impl Queue {
             }
         }
         filled
+    }
+
+    /// [`Queue::repin`], recorded in `made` (released if the put fails).
+    fn repin_new(
+        &self,
+        b: &Block,
+        made: &mut Vec<(Handle, [u8; 16])>,
+    ) -> Result<(Handle, [u8; 16])> {
+        let pinned = self.repin(b)?;
+        made.push(pinned.clone());
+        Ok(pinned)
     }
 
     /// A handle of `b` pinned by the queue block (by this process for a

@@ -40,7 +40,10 @@ _hook: dict[str, Any] = {"threshold": None, "original": None}
 
 def _run_task_with_hook(*args: Any, **kwargs: Any) -> Any:
     """Dask's ``_run_task`` (one task, in an executor thread, inside the
-    context Dask copied for it) with numpy's allocator hook switched on."""
+    context Dask copied for it) with numpy's allocator hook switched on. The
+    task's temporaries reuse each other's blocks through the worker's cache
+    of free blocks, which goes back to the shared heap when the task ends (a
+    long-lived worker holds nothing between tasks)."""
     original, threshold = _hook["original"], _hook["threshold"]
     if threshold is None:
         return original(*args, **kwargs)
@@ -49,6 +52,7 @@ def _run_task_with_hook(*args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs)
     finally:
         _native.numpy_set_allocator(previous)
+        _native.flush_block_cache()
 
 
 def _install_hook(threshold: int | None) -> None:

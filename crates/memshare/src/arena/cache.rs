@@ -17,9 +17,26 @@
 //! process leaves. This process's figures ([`super::Arena::stats`]) count
 //! its cache as free (`cached_bytes`); other processes see it in use.
 
+use super::local::lock_local;
 use super::txn::Txn;
+use super::Arena;
 use crate::error::Result;
 use crate::layout::BlockRef;
+
+/// Gives the caches of free blocks of this process (every arena it is
+/// attached to) back to the shared heaps now: for a process about to idle
+/// that must not hold memory meanwhile (a pool worker waiting for work, a
+/// Dask worker between tasks). One transaction per arena with a cache.
+pub fn flush_caches() -> Result<()> {
+    for arena in Arena::all_attached() {
+        let mut local = lock_local(&arena.inner.local);
+        if !local.usable() || local.cache.is_empty() {
+            continue;
+        }
+        arena.inner.txn(&mut local)?.flush_cache()?;
+    }
+    Ok(())
+}
 
 /// Most blocks one process keeps.
 pub(super) const MAX_BLOCKS: usize = 16;

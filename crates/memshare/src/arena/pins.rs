@@ -101,15 +101,110 @@ impl Arena {
         generation: u64,
         owner: PinOwner,
     ) -> Result<(u32, u32, u32)> {
-        self.with_txn(|txn| {
-            // A handle of it exists now: no longer this process's alone. An
-            // owner block's free releases what it pins: never cached either.
-            txn.local.not_private(bref);
-            if let PinOwner::Block { block, .. } = owner {
-                txn.local.not_private(block);
+        self.with_txn(|txn| txn.pin(bref, generation, owner))
+    }
+}
+
+impl Arena {
+    /// Moves the pins of `handles`, handles this process pinned and has not
+    /// delivered, to the block `owner` (a queue they go into), all in one
+    /// transaction: the hand-off of a message into a queue without opening
+    /// its blocks, re-pinning them and letting them go (three per block).
+    /// Returns the handle of each moved pin, or None for a handle whose pin
+    /// is not an undelivered pin of this process (the caller opens it and
+    /// re-pins, which also reports what is wrong with it).
+    pub fn move_pins(
+        &self,
+        handles: &[&Handle],
+        owner: &super::Block,
+    ) -> Result<Vec<Option<Handle>>> {
+        let token = self.token();
+        let key = self.mac_key();
+        let movable = |h: &Handle| {
+            h.token == token
+                && owner.arena().token() == token
+                && h.pin.is_some_and(|i| (i as usize) < MAX_PINS)
+                && h.verify(&key).is_ok()
+        };
+        if !handles.iter().any(|h| movable(h)) {
+            return Ok(vec![None; handles.len()]);
+        }
+        let target = PinOwner::Block {
+            block: owner.bref,
+            generation: owner.generation,
+        };
+        let moved = self.with_txn(|txn| {
+            Ok(handles
+                .iter()
+                .map(|h| {
+                    if !movable(h) {
+                        return None;
+                    }
+                    // Any trouble with one: not moved (the caller's fallback
+                    // path raises the error).
+                    txn.move_pin(h, target).ok().flatten()
+                })
+                .collect::<Vec<_>>())
+        })?;
+        Ok(handles
+            .iter()
+            .zip(moved)
+            .map(|(h, m)| {
+                m.map(|(pin, slot, serial)| {
+                    Handle::new(
+                        token,
+                        h.segment,
+                        h.offset,
+                        h.generation,
+                        h.len,
+                        Some(pin),
+                        slot,
+                        serial,
+                        h.readonly,
+                        &key,
+                    )
+                })
+            })
+            .collect())
+    }
+}
+
+impl Txn<'_> {
+    /// [`Arena::move_pins`] for one handle (MAC verified by the caller).
+    fn move_pin(&mut self, h: &Handle, target: PinOwner) -> Result<Option<(u32, u32, u32)>> {
+        let PinOwner::Block {
+            block: owner_ref,
+            generation: owner_generation,
+        } = target
+        else {
+            return Ok(None);
+        };
+        let Some(idx) = h.pin else { return Ok(None) };
+        self.check_handle(h)?;
+        let r = BlockRef::new(h.segment, h.offset);
+        let (slot, epoch) = (self.local.slot, self.local.epoch);
+        let e = &self.ctl.pins[idx as usize];
+        let ours = e.kind == PIN_PROCESS
+            && e.block == r
+            && e.generation == h.generation
+            && e.serial == h.pin_epoch
+            && (e.slot, e.epoch) == (slot, epoch);
+        let oh = self.hdr(owner_ref)?;
+        if !ours || oh.state != BLOCK_LIVE || oh.generation != owner_generation {
+            return Ok(None);
+        }
+        // The freed entry is taken again at once: the block is pinned
+        // throughout (nobody else runs while we hold the lock).
+        self.unpin(idx)?;
+        match self.pin(r, h.generation, target) {
+            Ok(pinned) => Ok(Some(pinned)),
+            Err(e) => {
+                if self.unreferenced(r)? {
+                    self.free_block(r)?;
+                }
+                Err(e)
             }
-            txn.pin(bref, generation, owner)
-        })
+        }
     }
 }
 
@@ -268,6 +363,12 @@ impl Txn<'_> {
         generation: u64,
         owner: PinOwner,
     ) -> Result<(u32, u32, u32)> {
+        // A handle of it exists now: no longer this process's alone. An
+        // owner block's free releases what it pins: never cached either.
+        self.local.not_private(r);
+        if let PinOwner::Block { block, .. } = owner {
+            self.local.not_private(block);
+        }
         let (slot, epoch) = (self.local.slot, self.local.epoch);
         let mut e = PinEntry {
             block: r,
