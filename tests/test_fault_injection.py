@@ -276,10 +276,13 @@ if __name__ == "__main__":
 """
 
 
-def mapped_semaphores(pgid: int | None = None) -> set[Path]:
-    """The POSIX semaphores (multiprocessing's named semaphores, glibc's
-    sem_open temporaries) mapped by the live processes of process group
-    `pgid`, or by any live process."""
+def mapped_semaphores(pgid: int | None = None) -> set[int]:
+    """The inodes of the POSIX semaphores (multiprocessing's named
+    semaphores, glibc's sem_open temporaries) mapped by the live processes of
+    process group `pgid`, or by any live process. By inode, not by name: the
+    process that makes a semaphore maps it under glibc's temporary name
+    (linked to the final name, then removed), so its maps show
+    "/dev/shm/sem.XXXXXX (deleted)" for what is "/dev/shm/sem.mp-..." now."""
     found = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -291,7 +294,7 @@ def mapped_semaphores(pgid: int | None = None) -> set[Path]:
             for line in (proc / "maps").read_text().splitlines():
                 fields = line.split(maxsplit=5)
                 if len(fields) == 6 and fields[5].startswith("/dev/shm/sem."):
-                    found.add(Path(fields[5].removesuffix(" (deleted)")))
+                    found.add(int(fields[4]))
         except (OSError, ValueError, IndexError):
             continue  # exited meanwhile
     return found
@@ -328,7 +331,7 @@ def run_tree_scenario(seed: int) -> None:
                 target -= 1
             # Stop the whole tree (no new semaphores), note the semaphores it
             # holds, then kill it at once; killing also ends the stop.
-            own_semaphores: set[Path] = set()
+            own_semaphores: set[int] = set()
             try:
                 os.killpg(p.pid, signal.SIGSTOP)
                 own_semaphores = mapped_semaphores(p.pid)
@@ -354,8 +357,12 @@ def run_tree_scenario(seed: int) -> None:
         # that no live process maps (made by a process of the tree that had
         # closed them, or exited, before the stop).
         made = stdlib_semaphores() - semaphores_before
-        for sem in (made & own_semaphores) | (made - mapped_semaphores()):
-            sem.unlink(missing_ok=True)
+        mapped = mapped_semaphores()
+        for sem in made:
+            with contextlib.suppress(FileNotFoundError):
+                inode = sem.stat().st_ino
+                if inode in own_semaphores or inode not in mapped:
+                    sem.unlink()
         files = os.listdir(d)
         assert files, "the tree had created an arena"
         # The next memshare start in that directory removes what the dead left.
