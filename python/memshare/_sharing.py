@@ -617,18 +617,22 @@ def begin_task() -> None:
     _task_serial += 1
 
 
-def worker_takes_task(waits: bool) -> None:
-    """Called by a pool worker's task queue as it takes a task
-    (``_stdlib.TaskQueue``), ``waits`` if none is there yet: from then on the
-    worker keeps arguments open between tasks, and lets go of all of them
-    before it waits (so an idle pool holds nothing a finished call sent, nor
-    the free blocks its tasks left in its cache)."""
+def worker_holding() -> bool:
+    """Asked by a pool worker's task queue (``_stdlib.TaskQueue``) as it takes
+    a task: does this worker hold arguments or cached free blocks that it
+    must let go of (:func:`worker_let_go`) before it waits? Being asked
+    means it will be told to, so from then on it keeps arguments open
+    between tasks (an idle pool holds nothing a finished call sent)."""
     global _keep_arguments_open
     _keep_arguments_open = True
-    if waits:
-        _kept_open.clear()
-        # Nor the free blocks its tasks' temporaries left in its cache.
-        _native.flush_block_cache()
+    return bool(_kept_open) or _native.cached_block_bytes() > 0
+
+
+def worker_let_go() -> None:
+    """This pool worker is about to wait for work: the arguments it kept
+    open and the free blocks its tasks' temporaries left in its cache go."""
+    _kept_open.clear()
+    _native.flush_block_cache()
 
 
 def reduce_task_result(arr: np.ndarray, threshold: int | None) -> tuple[Any, bool]:

@@ -641,6 +641,12 @@ fn flush_block_cache(py: Python<'_>) -> PyResult<()> {
     py.detach(memshare::arena::flush_caches).map_err(to_pyerr)
 }
 
+/// Bytes in this process's caches of free blocks (one atomic load).
+#[pyfunction]
+fn cached_block_bytes() -> u64 {
+    memshare::arena::cached_bytes()
+}
+
 /// How many Rust panics happened in this process (tests assert none).
 #[pyfunction]
 fn panic_count() -> u64 {
@@ -654,6 +660,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     numpy_hook::install_fork_handlers();
     m.add_function(wrap_pyfunction!(panic_count, m)?)?;
     m.add_function(wrap_pyfunction!(flush_block_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(cached_block_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(call_with_timeout, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_hold_arena_lock, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_release_arena_lock, m)?)?;

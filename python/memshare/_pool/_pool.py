@@ -92,7 +92,7 @@ class Pool(_stdlib.StdPool):
         super()._setup_queues()
         # Workers keep a call's repeated arguments open between its tasks
         # and let go of them before they wait for work.
-        _stdlib.set_task_queue(self, _sharing.worker_takes_task)
+        _stdlib.set_task_queue(self, _sharing.worker_holding, _sharing.worker_let_go)
         reader = _stdlib.result_reader(self)
 
         def get() -> Any:

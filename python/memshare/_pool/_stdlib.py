@@ -138,39 +138,43 @@ def set_result_getter(pool: StdPool, get: Callable[[], Any]) -> None:
 
 
 class TaskQueue(_mp_queues.SimpleQueue):
-    """A pool's task queue whose ``get`` (in a worker) first calls
-    ``on_get(waits)``, ``waits`` true if it has to wait: for the read lock
-    (another worker waits for the next task) or for a task. It looks under
-    the read lock, so a worker never waits without having said so first."""
+    """A pool's task queue whose ``get`` (in a worker) calls ``let_go()``
+    before it waits, for the read lock (another worker waits for the next
+    task) or for a task, if ``holding()`` says the worker holds something.
+    It looks under the read lock, so a worker never waits holding it; a
+    worker that holds nothing takes the stdlib's path."""
 
-    def __init__(self, *, ctx: Any, on_get: Callable[[bool], None]):
+    def __init__(self, *, ctx: Any, holding: Callable[[], bool], let_go: Callable[[], None]):
         super().__init__(ctx=ctx)
-        self._on_get = on_get
+        self._holding, self._let_go = holding, let_go
 
     def __getstate__(self):
-        return (super().__getstate__(), self._on_get)
+        return (super().__getstate__(), self._holding, self._let_go)
 
     def __setstate__(self, state):
-        base, self._on_get = state
+        base, self._holding, self._let_go = state
         super().__setstate__(base)
 
     def get(self):
+        if not self._holding():
+            return super().get()
         if not self._rlock.acquire(False):
-            self._on_get(True)
+            self._let_go()
             self._rlock.acquire()
         try:
-            self._on_get(not self._reader.poll(0))
+            if not self._reader.poll(0):
+                self._let_go()
             res = self._reader.recv_bytes()
         finally:
             self._rlock.release()
         return ForkingPickler.loads(res)
 
 
-def set_task_queue(pool: StdPool, on_get: Callable[[bool], None]) -> None:
+def set_task_queue(pool: StdPool, holding: Callable[[], bool], let_go: Callable[[], None]) -> None:
     """Give the pool a :class:`TaskQueue` (call from ``_setup_queues`` after
     the stdlib's own, before any worker starts)."""
     pool._inqueue.close()
-    pool._inqueue = TaskQueue(ctx=pool._ctx, on_get=on_get)
+    pool._inqueue = TaskQueue(ctx=pool._ctx, holding=holding, let_go=let_go)
     pool._quick_put = pool._inqueue._writer.send
 
 
@@ -391,14 +395,18 @@ def self_check() -> None:
     queue.close()
 
 
-def _ignore_get(waits: bool) -> None:
+def _holding() -> bool:
+    return True
+
+
+def _let_go() -> None:
     pass
 
 
 class _HookedPool(StdPool):
     def _setup_queues(self) -> None:
         super()._setup_queues()
-        set_task_queue(self, _ignore_get)
+        set_task_queue(self, _holding, _let_go)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,21 @@
 //! process leaves. This process's figures ([`super::Arena::stats`]) count
 //! its cache as free (`cached_bytes`); other processes see it in use.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::local::lock_local;
 use super::txn::Txn;
 use super::Arena;
 use crate::error::Result;
 use crate::layout::BlockRef;
+
+/// Bytes in the caches of this process (every arena): one atomic load, for
+/// a worker's "do I hold anything?" before it waits.
+pub fn cached_bytes() -> u64 {
+    CACHED.load(Ordering::Relaxed)
+}
+
+static CACHED: AtomicU64 = AtomicU64::new(0);
 
 /// Gives the caches of free blocks of this process (every arena it is
 /// attached to) back to the shared heaps now: for a process about to idle
@@ -73,6 +83,12 @@ pub(super) fn cap_bytes(limit: u64, dir_bytes: u64) -> u64 {
     MAX_BYTES.min(limit / 32).min(dir_bytes / 32)
 }
 
+impl Drop for BlockCache {
+    fn drop(&mut self) {
+        self.set_bytes(0);
+    }
+}
+
 impl BlockCache {
     /// Takes the smallest cached block that serves `size` bytes with the
     /// given flag, wasting at most a quarter of it.
@@ -86,7 +102,7 @@ impl BlockCache {
             .filter(|&i| fits(&self.blocks[i]))
             .min_by_key(|&i| self.blocks[i].size)?;
         let c = self.blocks.swap_remove(i);
-        self.bytes -= c.size;
+        self.set_bytes(self.bytes - c.size);
         Some(c)
     }
 
@@ -105,17 +121,17 @@ impl BlockCache {
                 .min_by_key(|&i| self.blocks[i].cached_ns)
                 .expect("the cache is not empty");
             let e = self.blocks.swap_remove(oldest);
-            self.bytes -= e.size;
+            self.set_bytes(self.bytes - e.size);
             out.push(e);
         }
-        self.bytes += c.size;
+        self.set_bytes(self.bytes + c.size);
         self.blocks.push(c);
         out
     }
 
     /// Empties the cache (the caller frees what it returns).
     pub(super) fn drain(&mut self) -> Vec<CachedBlock> {
-        self.bytes = 0;
+        self.set_bytes(0);
         std::mem::take(&mut self.blocks)
     }
 
@@ -124,8 +140,18 @@ impl BlockCache {
         let (old, keep): (Vec<_>, Vec<_>) =
             self.blocks.drain(..).partition(|c| c.cached_ns < cutoff_ns);
         self.blocks = keep;
-        self.bytes = self.blocks.iter().map(|c| c.size).sum();
+        self.set_bytes(self.blocks.iter().map(|c| c.size).sum());
         old
+    }
+
+    /// Sets this cache's byte count, keeping the process total ([`cached_bytes`]).
+    fn set_bytes(&mut self, bytes: u64) {
+        if bytes >= self.bytes {
+            CACHED.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            CACHED.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -180,10 +206,8 @@ mod tests {
 
     #[test]
     fn takes_the_smallest_fit_and_never_wastes_more_than_a_quarter() {
-        let mut c = BlockCache {
-            cap: 1 << 30,
-            ..Default::default()
-        };
+        let mut c = BlockCache::default();
+        c.cap = 1 << 30;
         assert!(c.put(block(1, 4096, 1)).is_empty());
         assert!(c.put(block(2, 8192, 2)).is_empty());
         assert!(c.take(4096, true).is_none(), "flags must match");
@@ -195,20 +219,16 @@ mod tests {
 
     #[test]
     fn stays_within_its_bounds_evicting_the_oldest() {
-        let mut c = BlockCache {
-            cap: 10_000,
-            ..Default::default()
-        };
+        let mut c = BlockCache::default();
+        c.cap = 10_000;
         assert_eq!(c.put(block(1, 20_000, 1)).len(), 1, "larger than the cap");
         assert!(c.put(block(2, 6000, 2)).is_empty());
         let out = c.put(block(3, 6000, 3));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].generation, 2, "the oldest goes");
         assert_eq!(c.bytes(), 6000);
-        let mut c = BlockCache {
-            cap: 1 << 30,
-            ..Default::default()
-        };
+        let mut c = BlockCache::default();
+        c.cap = 1 << 30;
         let evicted: usize = (0..40).map(|i| c.put(block(i, 64, i)).len()).sum();
         assert_eq!(evicted, 40 - MAX_BLOCKS);
         assert_eq!(c.drain_older_than(30).len(), MAX_BLOCKS - 10);

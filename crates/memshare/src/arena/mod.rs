@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 pub use admin::Stats;
 pub use block::{release_raw, Block, PrivateView};
-pub use cache::flush_caches;
+pub use cache::{cached_bytes, flush_caches};
 pub use decay::{pause_for_fork, resume_after_fork, DECAY_NS};
 pub use fork::reserve_fork_slots;
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
