@@ -5,6 +5,7 @@ goes through the shared heap as before."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -26,19 +27,27 @@ def _address(a: np.ndarray) -> int:
 
 
 def test_a_freed_private_block_is_reused_without_the_lock():
-    a = ms.zeros(N)
-    a[:] = 5.0
-    base = ms.stats()
-    del a
-    s = ms.stats()
+    ms.reap()  # nothing of an earlier test's dead processes is freed meanwhile
+    gc.collect()
+    gc.disable()  # nor garbage of earlier tests
+    try:
+        a = ms.zeros(N)
+        a[:] = 5.0
+        base = ms.stats()
+        del a
+        s = ms.stats()
+        b = ms.zeros(N)
+        after = ms.stats()
+    finally:
+        gc.enable()
     assert s["cached_bytes"] >= N * 8, "freed into this process's cache"
-    # This process counts its cache as free (others count it as in use).
-    assert base["bytes_in_use"] - s["bytes_in_use"] == N * 8
+    # This process counts its cache as free (others count it as in use). The
+    # block may be one an earlier test cached, up to a third larger.
+    freed = base["bytes_in_use"] - s["bytes_in_use"]
+    assert N * 8 <= freed <= N * 8 * 4 // 3
     assert s["live_blocks"] == base["live_blocks"] - 1
-    b = ms.zeros(N)
-    after = ms.stats()
     assert after["lock_acquisitions"] == s["lock_acquisitions"], "taken without the lock"
-    assert after["bytes_in_use"] == base["bytes_in_use"]
+    assert N * 8 <= after["bytes_in_use"] - s["bytes_in_use"] <= N * 8 * 4 // 3
     assert not b.any(), "zeros are zeros in a reused block"
     del b
 

@@ -123,8 +123,9 @@ def set_retain(nbytes: int) -> None:
 def reap() -> bool:
     """Releases the memory held by processes that died; True if any were found.
 
-    memshare does this by itself within a second at the next allocation; call
-    it to reclaim immediately (e.g. after killing workers).
+    memshare does this by itself within about two seconds (each process that
+    allocates checks once a second); call it to reclaim immediately (e.g.
+    after killing workers).
     """
     return _native.reap()
 

@@ -95,6 +95,11 @@ impl Arena {
         if !idle.is_empty() {
             let _ = txn.free_cached(idle);
         }
+        // Allocations served from the cache take no lock, and so never check
+        // for dead processes: this pass does, at the same once-a-second pace.
+        if now.saturating_sub(txn.ctl.last_reap_ns) > super::heap::REAP_INTERVAL_NS {
+            let _ = txn.reap();
+        }
         let frees = txn.ctl.frees;
         if txn.ctl.decayed_frees == frees && txn.ctl.decay_pending == 0 {
             return; // nothing freed since the last pass of any process

@@ -30,8 +30,8 @@ const MAX_SEGMENT: u64 = 128 << 20;
 const DEDICATED_FRACTION: u64 = 8;
 /// A free block is split when the remainder is at least this large.
 const SPLIT_MIN: u64 = BLOCK_HEADER + 4096;
-/// How often an allocation checks for dead processes.
-const REAP_INTERVAL_NS: u64 = 1_000_000_000;
+/// How often an allocation (or the decay thread) checks for dead processes.
+pub(super) const REAP_INTERVAL_NS: u64 = 1_000_000_000;
 
 impl Txn<'_> {
     pub(super) fn bin_insert(&mut self, r: BlockRef) -> Result<()> {
