@@ -566,10 +566,7 @@ def reduce_call_argument(
             message = _one_entry(arr, lease, kept=True)
             memo.kept[key] = (arr, message)
             return (_rebuild_kept, (message, False)), False
-        try:
-            memo.seen[key] = arr
-        except TypeError:  # pragma: no cover - every ndarray takes weak references
-            pass
+        memo.seen[key] = arr
         return (_rebuild, (_one_entry(arr, lease),)), False
     if not _shares_by_copy(arr, threshold):
         return NotImplemented, False

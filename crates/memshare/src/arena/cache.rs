@@ -38,6 +38,9 @@ static CACHED: AtomicU64 = AtomicU64::new(0);
 /// that must not hold memory meanwhile (a pool worker waiting for work, a
 /// Dask worker between tasks). One transaction per arena with a cache.
 pub fn flush_caches() -> Result<()> {
+    if cached_bytes() == 0 {
+        return Ok(()); // the common case: no arena to visit
+    }
     for arena in Arena::all_attached() {
         let mut local = lock_local(&arena.inner.local);
         if !local.usable() || local.cache.is_empty() {
