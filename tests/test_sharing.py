@@ -272,6 +272,26 @@ def test_plain_values_travel_as_an_ordinary_pickle_with_no_table():
         ms.loads(forged)
 
 
+class _TaggedInt(int):
+    """An int that can carry an array in its attributes."""
+
+
+def test_only_exact_atomic_values_and_their_tuples_and_lists_are_plain():
+    is_plain = _sharing.is_plain
+    assert is_plain(7) and is_plain((1, "x", None, 2.5, b"", 1j, True)) and is_plain([])
+    assert is_plain(((1, 2), [3]), 2) and not is_plain(((1, 2), [3]))
+    assert not is_plain((((1,),),), 2)
+    tagged = _TaggedInt(3)
+    tagged.data = ms.share(np.arange(1000.0))
+    for value in (tagged, [tagged], (1, np.zeros(3)), {"a": 1}, object()):
+        assert not is_plain(value, 2)
+    # Not plain, so the array it carries goes by handle.
+    back = ms.loads(ms.dumps([tagged]))
+    assert back == [3] and np.shares_memory(back[0].data, tagged.data)
+    del back, tagged
+    gc.collect()
+
+
 def test_dumps_of_plain_values_makes_no_arena(tmp_path):
     env = dict(clean_env(), MEMSHARE_DIR=str(tmp_path))
     code = "import memshare as ms, os; m = ms.dumps((1, 'x')); print(ms.loads(m), os.listdir('.'))"

@@ -367,20 +367,12 @@ class _Unpickler(pickle.Unpickler):
         return built
 
 
-#: Types whose instances cannot hold shared memory.
-ATOMIC = frozenset({int, float, bool, str, bytes, complex, type(None)})
-
-
-def is_plain(value: Any) -> bool:
-    """True for values that cannot hold shared memory (atomic, or a list or
-    tuple of atomic values): they travel as an ordinary pickle, with no
-    handle table and no per-object hook (the hot path of small messages)."""
-    t = type(value)
-    if t in ATOMIC:
-        return True
-    if t is list or t is tuple:
-        return ATOMIC.issuperset(map(type, value))
-    return False
+#: ``is_plain(value, depth=1)``: True for values that cannot hold shared
+#: memory (exact int, float, bool, str, bytes, complex or None, or while
+#: ``depth`` allows, a tuple or list of such values): they travel as an
+#: ordinary pickle, with no handle table and no per-object hook. Native: it
+#: runs on every small message and every batch of a pool's tasks.
+is_plain = _native.is_plain
 
 
 def _pickle_with_table(

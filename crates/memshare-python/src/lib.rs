@@ -4,6 +4,7 @@
 
 mod message;
 mod numpy_hook;
+mod plain;
 mod queue;
 
 use std::ffi::c_int;
@@ -681,6 +682,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(populate_idle, m)?)?;
     m.add_function(wrap_pyfunction!(populate_min, m)?)?;
     m.add_function(wrap_pyfunction!(data_address, m)?)?;
+    m.add_function(wrap_pyfunction!(plain::is_plain, m)?)?;
     m.add_function(wrap_pyfunction!(set_limit, m)?)?;
     m.add_function(wrap_pyfunction!(set_retain, m)?)?;
     m.add_function(wrap_pyfunction!(reap, m)?)?;

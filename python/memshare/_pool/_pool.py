@@ -121,10 +121,8 @@ class Pool(_stdlib.StdPool):
                     by_reference = isinstance(func, _PLAIN_FUNCTIONS) and _callables.by_reference(
                         func, state.main_by_ref
                     )
-                if by_reference and (
-                    _sharing.ATOMIC.issuperset(map(type, items))
-                    or all(type(x) is tuple and _sharing.is_plain(x) for x in items)
-                ):
+                # items: atomic values, or tuples/lists of them (starmap).
+                if by_reference and _sharing.is_plain(items, 2):
                     # Nothing here can hold shared memory: the stdlib's way.
                     yield _stdlib.task(job, i, _run_direct, (mapper, batch))
                     continue
