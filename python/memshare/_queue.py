@@ -141,6 +141,9 @@ class Queue:
         self._check_closed()
         self._put_to = True
         t = _timeout(block, timeout)
+        if _sharing.is_plain(obj):  # the hot path of small messages: no arena
+            self._q.put(_sharing.plain_message(obj), t)
+            return
         deadline = None if t is None else time.monotonic() + t
         try:
             if t is None:
@@ -175,6 +178,8 @@ class Queue:
         """
         self._check_closed()
         entries, payload = self._q.get(_timeout(block, timeout))
+        if not entries:
+            return _sharing.loads_message(entries, payload)
         return _decode(entries, payload)
 
     def put_nowait(self, obj: Any) -> None:

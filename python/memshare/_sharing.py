@@ -388,6 +388,16 @@ def _pickle_with_table(
     return p.entries, f.getvalue()
 
 
+#: The header of a message whose table lists nothing (from the encoder).
+_PLAIN_HEADER = _native.encode_message([], b"")
+
+
+def plain_message(obj: Any) -> bytes:
+    """The message of a plain value (:func:`is_plain`): an empty table and
+    its pickle, what :func:`encode` makes of it, with no call into the core."""
+    return _PLAIN_HEADER + pickle.dumps(obj, 5)
+
+
 def encode(
     obj: Any,
     *,
@@ -398,6 +408,8 @@ def encode(
 ) -> bytes:
     """A message for ``obj``: its arrays in the handle table (pinned by
     ``lease`` or this process), the rest pickled into the payload."""
+    if is_plain(obj):
+        return plain_message(obj)
     entries, payload = _pickle_with_table(obj, share, threshold, transport)
     return _native.encode_message(entries, payload, lease)
 

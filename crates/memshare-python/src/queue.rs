@@ -93,12 +93,17 @@ impl PyQueue {
                 .detach(|| bounded(&|| self.q.put_message(data, t, true)))
                 .map_err(to_pyerr);
         }
-        let prepared = py
-            .detach(|| with_deadline(deadline, || self.q.prepare(data, true)))
-            .map_err(|e| match e {
-                Error::Busy(_) => to_pyerr(Error::Full),
-                e => to_pyerr(e),
-            })?;
+        let prepare = || with_deadline(deadline, || self.q.prepare(data, true));
+        // A message that lists no blocks is prepared without a lock or a wait.
+        let prepared = if memshare::message::entry_count(data) == 0 {
+            prepare()
+        } else {
+            py.detach(prepare)
+        }
+        .map_err(|e| match e {
+            Error::Busy(_) => to_pyerr(Error::Full),
+            e => to_pyerr(e),
+        })?;
         if !prepared.needs_lock() {
             match self.q.put_prepared(data, &prepared, Some(Duration::ZERO)) {
                 Err(Error::Full) if t != Some(Duration::ZERO) => {}

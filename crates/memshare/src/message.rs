@@ -73,6 +73,16 @@ fn mac_of(key: &[u8; 16], body: &[u8]) -> u64 {
     h.finish()
 }
 
+/// How many table entries `bytes` lists, read from the header alone (no
+/// checks: [`decode`] checks). Zero for anything that is not a message. A
+/// message that lists none opens no block, so it needs no arena lock.
+pub fn entry_count(bytes: &[u8]) -> usize {
+    if bytes.len() < HEADER_LEN || !is_message(bytes) {
+        return 0;
+    }
+    u32_at(bytes, 8) as usize
+}
+
 /// True if `bytes` start like a message (the magic number).
 pub fn is_message(bytes: &[u8]) -> bool {
     bytes.get(..4) == Some(&MAGIC[..])

@@ -933,8 +933,20 @@ impl SlotMem for Queue {
     /// with no deadline (giving up then would lose it): so a caller with a
     /// deadline first waits, within it, until the lock is free.
     fn before_take(&self, pos: u64) -> Result<()> {
-        let kind = self.slot(pos).kind.load(Ordering::Acquire);
-        let opens = kind & KIND_MASK == KIND_BLOCK || kind & KIND_HANDLES != 0;
+        let slot = self.slot(pos);
+        let kind = slot.kind.load(Ordering::Acquire);
+        let opens = match kind & KIND_MASK {
+            KIND_BLOCK => true,
+            // A table with no entries (a plain value's message) opens nothing.
+            KIND_INLINE if kind & KIND_HANDLES != 0 => {
+                let len = (slot.len.load(Ordering::Relaxed) as usize).min(self.inline);
+                // SAFETY: the slot is claimed by us and was published with
+                // `len` bytes of data (clamped to the data area).
+                let data = unsafe { std::slice::from_raw_parts(self.data_ptr(pos), len) };
+                message::entry_count(data) > 0
+            }
+            _ => false,
+        };
         if opens && crate::arena::has_deadline() {
             self.block.arena().wait_for_lock()?;
         }
