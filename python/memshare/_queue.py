@@ -46,15 +46,16 @@ def _timeout(block: bool, timeout: float | None) -> float | None:
     return float(timeout)
 
 
-def _encode(obj: Any, threshold: int | None) -> bytes:
-    """A message for ``obj``. A numpy array that travels by handle is a bare
-    one-entry message (no payload), what Rust's ``Queue::put_array`` sends
-    and ``get_array`` takes; anything else is a pickle over a handle table."""
+def _table_of(obj: Any, threshold: int | None) -> tuple[list, bytes]:
+    """The handle table entries and payload of ``obj``'s message, nothing
+    pinned yet (the queue pins them for itself as it writes the message). A
+    numpy array that travels by handle is one entry and no payload, what
+    Rust's ``Queue::get_array`` takes."""
     if type(obj) in (np.ndarray, SharedArray) and not obj.dtype.hasobject:
         entry = _sharing.transport_entry(obj, threshold)
         if entry is not None:
-            return _native.encode_message([entry], b"")
-    return _sharing.encode(obj, threshold=threshold)
+            return [entry], b""
+    return _sharing.table_and_payload(obj, threshold)
 
 
 def _decode(entries: list, payload: bytes) -> Any:
@@ -147,11 +148,11 @@ class Queue:
         deadline = None if t is None else time.monotonic() + t
         try:
             if t is None:
-                message = _encode(obj, _sharing.DEFAULT_SHARE_THRESHOLD)
+                entries, payload = _table_of(obj, _sharing.DEFAULT_SHARE_THRESHOLD)
             else:
                 # Sharing the payload waits for the arena's lock: within the timeout.
-                message = _native.call_with_timeout(
-                    t, _encode, obj, _sharing.DEFAULT_SHARE_THRESHOLD
+                entries, payload = _native.call_with_timeout(
+                    t, _table_of, obj, _sharing.DEFAULT_SHARE_THRESHOLD
                 )
         except TimeoutError:
             raise queue.Full from None
@@ -160,7 +161,8 @@ class Queue:
                 raise
             self._on_queue_feeder_error(e, obj)
             return
-        self._q.put(message, None if deadline is None else max(0.0, deadline - time.monotonic()))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._q.put_entries(entries, payload, left)
 
     @staticmethod
     def _on_queue_feeder_error(e: Exception, obj: Any) -> None:

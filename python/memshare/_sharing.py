@@ -375,6 +375,15 @@ class _Unpickler(pickle.Unpickler):
 is_plain = _native.is_plain
 
 
+def table_and_payload(
+    obj: Any, threshold: int | None = DEFAULT_SHARE_THRESHOLD
+) -> tuple[list[Entry], bytes]:
+    """The handle table entries and payload of ``obj``'s message with
+    nothing pinned yet, for a transport that pins the entries where they
+    travel (``memshare.Queue``)."""
+    return _pickle_with_table(obj, None, threshold, False)
+
+
 def _pickle_with_table(
     obj: Any, share: ShareFn | None, threshold: int | None, transport: bool
 ) -> tuple[list[Entry], bytes]:

@@ -11,7 +11,7 @@ use crate::{to_pyerr, PyBlock};
 
 /// An entry as Python sees it: (block, dtype, itemsize, shape, strides, offset).
 pub type PyEntry = (PyBlock, String, usize, Vec<usize>, Vec<isize>, usize);
-type EntryIn<'py> = (
+pub type EntryIn<'py> = (
     PyRef<'py, PyBlock>,
     String,
     usize,

@@ -5,12 +5,12 @@ use std::time::{Duration, Instant};
 
 use memshare::arena::with_deadline;
 use memshare::queue::Queue;
-use memshare::{Error, Handle};
+use memshare::{ArrayMeta, Block, Error, Handle};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::message::{entry_out, PyEntry};
+use crate::message::{entry_out, EntryIn, PyEntry};
 use crate::to_pyerr;
 
 /// Converts a Python timeout in seconds: None waits forever, <= 0 does not wait.
@@ -117,6 +117,44 @@ impl PyQueue {
     /// Takes a message: `(entries, payload)` as `decode_message` returns
     /// them, the entries opened (this process now holds their blocks).
     /// Raises `queue.Empty` on timeout.
+    /// Puts a message listing `entries` (as `encode_message` takes them)
+    /// before `payload`, each block pinned for the queue as the message is
+    /// written (one arena transaction per block, none by the sender).
+    #[pyo3(signature = (entries, payload, timeout=None))]
+    fn put_entries(
+        &self,
+        py: Python<'_>,
+        entries: Vec<EntryIn<'_>>,
+        payload: &[u8],
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let t = timeout_of(timeout)?;
+        let deadline = lock_deadline(t);
+        let blocks: Vec<(&Block, ArrayMeta)> = entries
+            .iter()
+            .map(|(block, dtype, itemsize, shape, strides, offset)| {
+                let layout = ArrayMeta {
+                    dtype: dtype.clone(),
+                    itemsize: *itemsize,
+                    shape: shape.clone(),
+                    strides: strides.clone(),
+                    offset: *offset,
+                };
+                (&*block.block, layout)
+            })
+            .collect();
+        py.detach(|| {
+            // Holding the blocks (a clone each) until they are pinned.
+            let held: Vec<(Block, ArrayMeta)> =
+                blocks.into_iter().map(|(b, m)| (b.clone(), m)).collect();
+            match with_deadline(deadline, || self.q.put_blocks(&held, payload, t)) {
+                Err(Error::Busy(_)) => Err(Error::Full),
+                r => r,
+            }
+        })
+        .map_err(to_pyerr)
+    }
+
     #[pyo3(signature = (timeout=None))]
     fn get<'py>(
         &self,

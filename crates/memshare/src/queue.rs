@@ -272,7 +272,9 @@ enum Embedded {
     /// transaction), or if it is not this process's own, the block is
     /// opened and re-pinned.
     Pinned(Handle),
-    /// Opened (a block of another arena: the queue cannot own its pin).
+    /// Held by this process, not pinned for the message (a block of another
+    /// arena, which the queue cannot own a pin of, or one the sender put
+    /// with [`Queue::put_blocks`]): pinned for the queue when written.
     Opened(Block),
 }
 
@@ -592,6 +594,60 @@ impl Queue {
         })
     }
 
+    /// Puts a message listing `blocks` (each with the layout of an array in
+    /// it) in front of `payload`. Each block is pinned for the queue as the
+    /// message is written into its slot, one arena transaction per block and
+    /// none by the sender: a message its sender pinned ([`Queue::put_message`])
+    /// costs a pin and then a move. The blocks stay held by the caller
+    /// until the put returns.
+    pub fn put_blocks(
+        &self,
+        blocks: &[(Block, ArrayMeta)],
+        payload: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        let arena = self.block.arena();
+        let mut entries = Vec::with_capacity(blocks.len());
+        for (b, layout) in blocks {
+            message::check_layout(layout, b.len())?;
+            let entry = message::Entry {
+                handle: b.unpinned_handle(),
+                layout: layout.clone(),
+            };
+            entries.push((entry, message::key_of(b.arena())));
+        }
+        let msg = message::encode(&entries, payload)?;
+        let offsets = message::decode(&msg, |t| {
+            blocks
+                .iter()
+                .map(|(b, _)| b.arena())
+                .find(|a| a.token() == *t)
+                .map(|a| a.mac_key())
+                .ok_or_else(|| Error::InvalidHandle("message names an unknown arena".into()))
+        })?
+        .offsets;
+        let embedded = offsets
+            .into_iter()
+            .zip(blocks)
+            .map(|(off, (b, _))| (off, Embedded::Opened(b.clone())))
+            .collect();
+        let big = if msg.len() > self.inline {
+            let b = arena.alloc(msg.len(), false)?;
+            // SAFETY: the fresh block is `msg.len()` bytes and only ours.
+            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), b.as_ptr(), msg.len()) };
+            Some(b)
+        } else {
+            None
+        };
+        let prepared = Prepared {
+            embedded,
+            table: true,
+            big,
+            len: msg.len(),
+        };
+        self.put_prepared(&msg, &prepared, timeout)
+    }
+
     /// Puts `msg` prepared by [`Queue::prepare`].
     pub fn put_prepared(
         &self,
@@ -717,7 +773,7 @@ impl Queue {
     /// it as a numpy array (`memshare.Queue.get`), a Rust one with
     /// [`Queue::get_array`].
     pub fn put_array(&self, a: &SharedArray, timeout: Option<Duration>) -> Result<()> {
-        self.put_message(&a.to_bytes()?, timeout, true)
+        self.put_blocks(&[(a.block().clone(), a.meta().clone())], &[], timeout)
     }
 
     // ----- get -----------------------------------------------------------

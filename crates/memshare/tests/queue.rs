@@ -188,6 +188,53 @@ fn arrays_travel_by_handle_and_belong_to_the_queue() {
     assert_clean(&arena);
 }
 
+#[test]
+fn put_blocks_pins_each_block_for_the_queue_and_refuses_bad_layouts() {
+    let dir = TestDir::new("put-blocks");
+    let arena = Arena::create(&dir.0).unwrap();
+    let q = Queue::new(&arena, 4, 1024).unwrap();
+    let data = ArrayD::from_shape_fn(IxDyn(&[10, 4]), |i| (i[0] * 4 + i[1]) as f64);
+    let a = SharedArray::from_view(&arena, data.view()).unwrap();
+    let b = SharedArray::from_view(&arena, data.view()).unwrap();
+    let entries = |a: &SharedArray, b: &SharedArray| {
+        vec![
+            (a.block().clone(), a.meta().clone()),
+            (b.block().clone(), b.meta().clone()),
+        ]
+    };
+    // A small payload (inline) and one too large for a slot (its own block).
+    for payload in [b"payload".to_vec(), vec![7u8; 10_000]] {
+        q.put_blocks(&entries(&a, &b), &payload, T).unwrap();
+        // The queue's: one per block, and one for the message's own block.
+        let own_block = usize::from(payload.len() > 1024);
+        assert_eq!(arena.stats().unwrap().pins as usize, 2 + own_block);
+        let msg = q.get_message(T).unwrap();
+        assert_eq!(arena.stats().unwrap().pins, 0);
+        assert_eq!(msg.payload(), &payload[..]);
+        let got = msg.entries();
+        assert_eq!(got.len(), 2);
+        assert_eq!((&got[0].1, &got[1].1), (a.meta(), b.meta()));
+        assert_eq!(got[1].0.as_ptr(), b.block().as_ptr());
+    }
+    // The queue alone keeps what it holds.
+    q.put_blocks(&entries(&a, &b), b"", T).unwrap();
+    let (pa, meta) = (a.block().as_ptr(), a.meta().clone());
+    drop((a, b));
+    let msg = q.get_message(T).unwrap();
+    assert_eq!((msg.entries()[0].0.as_ptr(), &msg.entries()[0].1), (pa, &meta));
+    drop(msg);
+    // A layout outside its block is refused before anything is pinned.
+    let c = SharedArray::from_view(&arena, data.view()).unwrap();
+    let mut bad = c.meta().clone();
+    bad.offset = c.block().len() + 8;
+    let err = q.put_blocks(&[(c.block().clone(), bad)], b"", T).unwrap_err();
+    assert!(matches!(err, Error::InvalidHandle(_)), "{err:?}");
+    assert!(q.is_empty());
+    assert_eq!(arena.stats().unwrap().pins, 0);
+    drop((c, q));
+    assert_clean(&arena);
+}
+
 fn mpmc_threads(cap: usize, inline: usize, producers: u64, consumers: usize, n: u64) {
     let dir = TestDir::new(&format!("mpmc-{cap}-{inline}"));
     let arena = Arena::create(&dir.0).unwrap();

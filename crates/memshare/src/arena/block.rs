@@ -100,6 +100,25 @@ impl Block {
         })
     }
 
+    /// A handle of the block with no pin: it keeps nothing alive and opens
+    /// only while someone else holds the block. For a message whose entries
+    /// get their pins later, when they are written where they travel (see
+    /// [`crate::Queue::put_blocks`]).
+    pub(crate) fn unpinned_handle(&self) -> Handle {
+        Handle::new(
+            self.arena.token(),
+            self.bref.segment(),
+            self.bref.offset(),
+            self.generation,
+            self.len as u64,
+            None,
+            0,
+            0,
+            self.readonly,
+            &self.arena.mac_key(),
+        )
+    }
+
     fn make_handle(&self, owner: PinOwner) -> Result<Handle> {
         let (pin, slot, epoch) = self.arena.pin(self.bref, self.generation, owner)?;
         Ok(Handle::new(
