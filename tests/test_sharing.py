@@ -9,6 +9,7 @@ import io
 import multiprocessing as mp
 import os
 import pickle
+import select
 import subprocess
 import sys
 import textwrap
@@ -248,6 +249,37 @@ def test_dumps_message_never_loaded_is_released_when_its_sender_exits():
     assert ms.stats()["pins"] == 0  # nothing is held for the message
     with pytest.raises(ms.StaleHandleError, match="freed"):
         ms.loads(bytes.fromhex(out.stdout))
+
+
+def test_dumps_of_data_from_another_process_tree_pins_it_in_that_arena():
+    """Data received from another process tree lies in that tree's arena,
+    where this process's dumps lease cannot own pins: dumps pins it by this
+    process there instead, and the message loads."""
+    env = {k: v for k, v in os.environ.items() if k != "MEMSHARE_ARENA"}
+    code = (
+        "import memshare as ms, numpy as np, sys; a = ms.share(np.arange(10.0)); "
+        "print(ms.dumps(a).hex(), flush=True); sys.stdin.readline()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], TIMEOUT)
+        assert ready, "the other tree sent no message"
+        theirs = ms.loads(bytes.fromhex(child.stdout.readline()))
+        before = ms.stats()["pins"]
+        back = ms.loads(ms.dumps({"x": theirs}))
+        assert np.shares_memory(back["x"], theirs) and back["x"].tolist() == list(range(10))
+        assert ms.stats()["pins"] == before  # nothing pinned in our own arena
+        del back, theirs
+        gc.collect()
+    finally:
+        child.communicate("done\n", timeout=TIMEOUT)
+    assert child.returncode == 0
 
 
 def test_dumps_loads_in_one_process_and_twice():

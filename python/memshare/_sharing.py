@@ -427,11 +427,14 @@ def loads_message(entries: list[Entry], payload: bytes) -> Any:
     """Unpickles the payload of a message whose entries are open."""
     try:
         if not entries:
-            return pickle.loads(payload)
+            try:
+                return pickle.loads(payload)
+            except pickle.UnpicklingError:
+                # Perhaps a persistent id with no table to name: the table's
+                # unpickler says so (HandleError), or fails as pickle did.
+                return _Unpickler(io.BytesIO(payload), entries).load()
         return _Unpickler(io.BytesIO(payload), entries).load()
     except (pickle.UnpicklingError, EOFError) as e:
-        if "persistent" in str(e):  # names a table entry there is none of
-            raise HandleError("memshare: message payload names no table entry") from None
         # The table checked out (its MAC), the payload after it did not:
         # a message cut short or damaged on its way.
         raise HandleError(f"memshare: message payload is damaged ({e})") from None
@@ -475,14 +478,9 @@ def dumps(obj: Any, threshold: int | None = DEFAULT_SHARE_THRESHOLD) -> bytes:
     entries, payload = _pickle_with_table(obj, None, threshold, False)
     if not entries:
         return _native.encode_message([], payload)
-    try:
-        return _native.encode_message(entries, payload, _process_lease())
-    except ValueError as e:
-        if "belongs to another arena" not in str(e):
-            raise
-        # Data of an arena other than this process's own (received from
-        # another process tree): pinned by this process in that arena.
-        return _native.encode_message(entries, payload)
+    # Data of an arena other than this process's own (received from another
+    # process tree) is pinned by this process in that arena.
+    return _native.encode_message(entries, payload, _process_lease(), foreign_by_process=True)
 
 
 def loads(data: bytes) -> Any:

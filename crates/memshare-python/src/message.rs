@@ -44,9 +44,18 @@ impl PyLease {
 }
 
 /// A handle of `block` pinned by `lease` (kept on open with `kept`), or by
-/// this process.
-fn pinned(block: &Block, lease: Option<&PyLease>, kept: bool) -> memshare::Result<Handle> {
+/// this process; with `foreign_by_process`, a block of an arena other than
+/// the lease's (which cannot own its pin) is pinned by this process too.
+fn pinned(
+    block: &Block,
+    lease: Option<&PyLease>,
+    kept: bool,
+    foreign_by_process: bool,
+) -> memshare::Result<Handle> {
     match lease {
+        Some(l) if foreign_by_process && l.lease.arena().token() != block.arena().token() => {
+            block.handle()
+        }
         Some(l) if kept => block.handle_leased_kept(&l.lease),
         Some(l) => block.handle_leased(&l.lease),
         None => block.handle(),
@@ -57,15 +66,19 @@ fn pinned(block: &Block, lease: Option<&PyLease>, kept: bool) -> memshare::Resul
 /// the receiver, by `lease` or by this process) followed by `payload`.
 /// With `kept` (and a lease), opening the message leaves its pins in place:
 /// it opens any number of times until the lease ends.
+/// With `foreign_by_process`, blocks of an arena other than the lease's are
+/// pinned by this process (else they are an error: a lease owns pins in its
+/// own arena only).
 /// Layouts are checked against their blocks before anything is pinned.
 #[pyfunction]
-#[pyo3(signature = (entries, payload, lease=None, kept=false))]
+#[pyo3(signature = (entries, payload, lease=None, kept=false, foreign_by_process=false))]
 pub fn encode_message<'py>(
     py: Python<'py>,
     entries: Vec<EntryIn<'py>>,
     payload: &[u8],
     lease: Option<&PyLease>,
     kept: bool,
+    foreign_by_process: bool,
 ) -> PyResult<Bound<'py, PyBytes>> {
     if kept && lease.is_none() {
         return Err(pyo3::exceptions::PyValueError::new_err(
@@ -88,7 +101,7 @@ pub fn encode_message<'py>(
     let mut made: Vec<(Handle, &Block)> = Vec::with_capacity(entries.len());
     for ((block, ..), layout) in entries.iter().zip(layouts) {
         let b = &block.block;
-        let handle = match pinned(b, lease, kept) {
+        let handle = match pinned(b, lease, kept, foreign_by_process) {
             Ok(h) => h,
             Err(e) => {
                 // Release the pins made so far: nobody will receive them.
