@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -246,13 +248,47 @@ def throughput(kind: str, n: int) -> float:
     return n / (t1 - t0)
 
 
+def rust_round_trip(n: int) -> float | None:
+    """Seconds per round trip of an 8-byte message through two ms.Queue
+    rings with Rust on both ends (examples/queue_peer.rs ping and echo): the
+    transport without Python, this machine's floor for it. None without
+    cargo."""
+    exe = ROOT / "target" / "release" / "examples" / "queue_peer"
+    if shutil.which("cargo") is not None:
+        build = [
+            "cargo",
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "memshare",
+            "--example",
+            "queue_peer",
+        ]
+        subprocess.run(build, cwd=ROOT, check=True, timeout=900)
+    if not exe.exists():
+        return None
+    a, b = Queue(), Queue()
+    handles = f"{a._q.handle().hex()},{b._q.handle().hex()}"
+    echo = subprocess.Popen([exe, "echo", handles, str(n)])
+    ping = subprocess.run(
+        [exe, "ping", handles, str(n)], capture_output=True, text=True, check=True, timeout=600
+    )
+    echo.wait(60)
+    return float(ping.stdout.split()[2]) * 1e-6
+
+
 def bench_small() -> str:
     names = {"ms": "ms.Queue", "mp": "multiprocessing.Queue", "pipe": "multiprocessing.Pipe"}
     rts: dict[str, list[float]] = {k: [] for k in names}
     tps: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(REPEAT):  # interleaved: ms, mp, pipe, ms, ...
+    floor: list[float] = []
+    for _ in range(REPEAT):  # interleaved: ms, mp, pipe, Rust, ms, ...
         for k in names:
             rts[k].append(round_trip(k, 5000))
+        rust = rust_round_trip(5000)
+        if rust is not None:
+            floor.append(rust)
         for k in names:
             tps[k].append(throughput(k, 100_000))
     rt = {k: statistics.median(v) for k, v in rts.items()}
@@ -268,6 +304,18 @@ def bench_small() -> str:
         ]
         for k in names
     ]
+    if floor:
+        f = statistics.median(floor)
+        rows.append(
+            [
+                "ms.Queue from Rust on both ends (queue_peer ping/echo: the floor)",
+                f"{fmt_time(f)} [{fmt_time(min(floor))}-{fmt_time(max(floor))}]",
+                f"{rt['mp'] / f:.1f}x",
+                f"{f / rt['pipe']:.2f}",
+                "",
+                "",
+            ]
+        )
     return table(
         f"Small messages (an int): round trip and one-way throughput (medians of {REPEAT} "
         "interleaved runs; goal: ms.Queue round trip <= 25 µs and <= 0.5 of mp.Pipe's)",

@@ -86,6 +86,64 @@ PROBES = {
             print(json.dumps({"seconds": lat[len(lat) // 2]}))
         """,
     ),
+    "one-way hand-off of a shared 1 KiB array through ms.Queue": (
+        "seconds",
+        """
+        import multiprocessing as mp, statistics
+        def consume(q, back, n):
+            lat = []
+            for _ in range(n):
+                a = q.get(timeout=60); lat.append(time.perf_counter() - a[0]); del a
+                back.put(None)
+            back.put(lat)
+        if __name__ == "__main__":
+            ctx = mp.get_context("fork")
+            q, back, n = ms.Queue(2), ms.Queue(2), 300
+            p = ctx.Process(target=consume, args=(q, back, n)); p.start()
+            a = ms.zeros(128)
+            for _ in range(n):
+                a[0] = time.perf_counter(); q.put(a, timeout=60); back.get(timeout=60)
+            lat = back.get(timeout=60)[1:]
+            p.join(60)
+            print(json.dumps({"seconds": statistics.median(lat)}))
+        """,
+    ),
+    "round trip of an int through two ms.Queue": (
+        "seconds",
+        """
+        import multiprocessing as mp
+        def echo(qin, qout, n):
+            for _ in range(n):
+                qout.put(qin.get(timeout=60) + 1)
+        if __name__ == "__main__":
+            ctx = mp.get_context("fork")
+            qin, qout, n = ms.Queue(), ms.Queue(), 5000
+            p = ctx.Process(target=echo, args=(qin, qout, n)); p.start()
+            qin.put(0); qout.get(timeout=60)
+            t0 = time.perf_counter()
+            for i in range(n - 1):
+                qin.put(i); qout.get(timeout=60)
+            dt = (time.perf_counter() - t0) / (n - 1)
+            p.join(60)
+            print(json.dumps({"seconds": dt}))
+        """,
+    ),
+    "100,000 identity tasks, chunksize 100, ms.Pool(2).map": (
+        "seconds",
+        """
+        def identity(x):
+            return x
+        if __name__ == "__main__":
+            data = list(range(100_000))
+            with ms.Pool(2) as pool:
+                pool.map(identity, data, chunksize=100)
+                t = []
+                for _ in range(5):
+                    t0 = time.perf_counter(); pool.map(identity, data, chunksize=100)
+                    t.append(time.perf_counter() - t0)
+            print(json.dumps({"seconds": sorted(t)[2]}))
+        """,
+    ),
 }
 
 PRELUDE = "import json, time, numpy as np, memshare as ms\n"

@@ -451,6 +451,51 @@ def test_rust_producer_python_consumer():
     assert proc.wait(T) == 0
 
 
+def test_rust_echo_peer_returns_every_message_in_order():
+    """queue_peer echo (the Rust end of bench_queue's floor figure) gets
+    each message from one queue and puts the same bytes on the other."""
+    exe = _rust_peer()
+    to_rust, back = Queue(4), Queue(4)
+    n = 202  # 200 tuples, then a dict holding an array and the array alone
+    handles = f"{to_rust._q.handle().hex()},{back._q.handle().hex()}"
+    proc = subprocess.Popen([exe, "echo", handles, str(n)])
+    frame = ms.share(np.arange(1000.0))
+    try:
+        for i in range(n - 2):
+            to_rust.put((i, "frame"), timeout=T)
+            assert back.get(timeout=T) == (i, "frame")
+        # Arrays go through Rust by handle: the same memory comes back.
+        to_rust.put({"frame": frame}, timeout=T)
+        got = back.get(timeout=T)["frame"]
+        assert np.shares_memory(got, frame) and got[999] == 999.0
+        to_rust.put(frame, timeout=T)
+        assert np.shares_memory(back.get(timeout=T), frame)
+    finally:
+        assert proc.wait(T) == 0
+    del got, frame
+
+
+def test_rust_ping_through_a_rust_echo_reports_its_round_trip():
+    exe = _rust_peer()
+    a, b = Queue(4), Queue(4)
+    n = 300
+    echo = subprocess.Popen([exe, "echo", f"{a._q.handle().hex()},{b._q.handle().hex()}", str(n)])
+    ping = subprocess.run(
+        [exe, "ping", f"{a._q.handle().hex()},{b._q.handle().hex()}", str(n)],
+        capture_output=True,
+        text=True,
+        timeout=T,
+    )
+    assert echo.wait(T) == 0
+    assert ping.returncode == 0, ping.stderr
+    words = ping.stdout.split()
+    assert words[:2] == ["round", "trip"] and words[3] == "us" and float(words[2]) > 0
+    assert a.empty() and b.empty()
+    # A wrong number of queues for the mode is a usage error, not a hang.
+    bad = subprocess.run([exe, "echo", a._q.handle().hex(), "1"], capture_output=True, timeout=T)
+    assert bad.returncode == 1 and b"wrong number of queues" in bad.stderr
+
+
 def test_python_producer_rust_consumer():
     exe = _rust_peer()
     q = Queue(4)
