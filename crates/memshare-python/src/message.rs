@@ -20,6 +20,18 @@ pub type EntryIn<'py> = (
     usize,
 );
 
+/// The array layout an entry describes.
+pub fn layout_of(entry: &EntryIn<'_>) -> ArrayMeta {
+    let (_, dtype, itemsize, shape, strides, offset) = entry;
+    ArrayMeta {
+        dtype: dtype.clone(),
+        itemsize: *itemsize,
+        shape: shape.clone(),
+        strides: strides.clone(),
+        offset: *offset,
+    }
+}
+
 /// The owner of the pins of one transport call (a pool's `map`, `submit`):
 /// its pins are released when the lease is dropped (or when its process
 /// dies), whether or not the messages were received.
@@ -86,15 +98,9 @@ pub fn encode_message<'py>(
         ));
     }
     let mut layouts = Vec::with_capacity(entries.len());
-    for (block, dtype, itemsize, shape, strides, offset) in &entries {
-        let layout = ArrayMeta {
-            dtype: dtype.clone(),
-            itemsize: *itemsize,
-            shape: shape.clone(),
-            strides: strides.clone(),
-            offset: *offset,
-        };
-        message::check_layout(&layout, block.block.len()).map_err(to_pyerr)?;
+    for entry in &entries {
+        let layout = layout_of(entry);
+        message::check_layout(&layout, entry.0.block.len()).map_err(to_pyerr)?;
         layouts.push(layout);
     }
     let mut enc = Encoder::new();

@@ -10,7 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::message::{entry_out, EntryIn, PyEntry};
+use crate::message::{entry_out, layout_of, EntryIn, PyEntry};
 use crate::to_pyerr;
 
 /// Converts a Python timeout in seconds: None waits forever, <= 0 does not wait.
@@ -132,16 +132,7 @@ impl PyQueue {
         let deadline = lock_deadline(t);
         let blocks: Vec<(&Block, ArrayMeta)> = entries
             .iter()
-            .map(|(block, dtype, itemsize, shape, strides, offset)| {
-                let layout = ArrayMeta {
-                    dtype: dtype.clone(),
-                    itemsize: *itemsize,
-                    shape: shape.clone(),
-                    strides: strides.clone(),
-                    offset: *offset,
-                };
-                (&*block.block, layout)
-            })
+            .map(|entry| (&*entry.0.block, layout_of(entry)))
             .collect();
         py.detach(|| {
             // Holding the blocks (a clone each) until they are pinned.

@@ -105,7 +105,9 @@ fn run(mode: &str, handles: &str, n: usize) -> memshare::Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 4 {
-        eprintln!("usage: queue_peer produce|consume <queue hex> <n>, or echo|ping <hex>,<hex> <n>");
+        eprintln!(
+            "usage: queue_peer produce|consume <queue hex> <n>, or echo|ping <hex>,<hex> <n>"
+        );
         return ExitCode::from(2);
     }
     let Ok(n) = args[3].parse::<usize>() else {

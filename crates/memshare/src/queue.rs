@@ -578,14 +578,7 @@ impl Queue {
                 });
             }
         }
-        let big = if msg.len() > self.inline {
-            let b = arena.alloc(msg.len(), false)?;
-            // SAFETY: the fresh block is `msg.len()` bytes and only ours.
-            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), b.as_ptr(), msg.len()) };
-            Some(b)
-        } else {
-            None
-        };
+        let big = self.own_block_for(msg)?;
         Ok(Prepared {
             embedded,
             table: adopt_handles,
@@ -606,7 +599,6 @@ impl Queue {
         payload: &[u8],
         timeout: Option<Duration>,
     ) -> Result<()> {
-        let arena = self.block.arena();
         let mut entries = Vec::with_capacity(blocks.len());
         for (b, layout) in blocks {
             message::check_layout(layout, b.len())?;
@@ -631,14 +623,7 @@ impl Queue {
             .zip(blocks)
             .map(|(off, (b, _))| (off, Embedded::Opened(b.clone())))
             .collect();
-        let big = if msg.len() > self.inline {
-            let b = arena.alloc(msg.len(), false)?;
-            // SAFETY: the fresh block is `msg.len()` bytes and only ours.
-            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), b.as_ptr(), msg.len()) };
-            Some(b)
-        } else {
-            None
-        };
+        let big = self.own_block_for(&msg)?;
         let prepared = Prepared {
             embedded,
             table: true,
@@ -646,6 +631,17 @@ impl Queue {
             len: msg.len(),
         };
         self.put_prepared(&msg, &prepared, timeout)
+    }
+
+    /// A block holding a copy of `msg` if it does not fit in a slot.
+    fn own_block_for(&self, msg: &[u8]) -> Result<Option<Block>> {
+        if msg.len() <= self.inline {
+            return Ok(None);
+        }
+        let b = self.block.arena().alloc(msg.len(), false)?;
+        // SAFETY: the fresh block is `msg.len()` bytes and only ours.
+        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), b.as_ptr(), msg.len()) };
+        Ok(Some(b))
     }
 
     /// Puts `msg` prepared by [`Queue::prepare`].

@@ -221,13 +221,18 @@ fn put_blocks_pins_each_block_for_the_queue_and_refuses_bad_layouts() {
     let (pa, meta) = (a.block().as_ptr(), a.meta().clone());
     drop((a, b));
     let msg = q.get_message(T).unwrap();
-    assert_eq!((msg.entries()[0].0.as_ptr(), &msg.entries()[0].1), (pa, &meta));
+    assert_eq!(
+        (msg.entries()[0].0.as_ptr(), &msg.entries()[0].1),
+        (pa, &meta)
+    );
     drop(msg);
     // A layout outside its block is refused before anything is pinned.
     let c = SharedArray::from_view(&arena, data.view()).unwrap();
     let mut bad = c.meta().clone();
     bad.offset = c.block().len() + 8;
-    let err = q.put_blocks(&[(c.block().clone(), bad)], b"", T).unwrap_err();
+    let err = q
+        .put_blocks(&[(c.block().clone(), bad)], b"", T)
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidHandle(_)), "{err:?}");
     assert!(q.is_empty());
     assert_eq!(arena.stats().unwrap().pins, 0);
