@@ -547,6 +547,32 @@ def test_keyboard_interrupt_leaves_no_shared_memory(tmp_path):
     # leftover check: autouse fixture
 
 
+def _send_a_stray_result(outqueue) -> None:
+    """Puts a result for a call that does not exist on a pool's result queue,
+    as a worker does, then exits normally: its pin stays for the receiver."""
+    stray = ms.share(np.arange(1 << 18, dtype=np.float64))  # 2 MiB
+    outqueue.put((-1, 0, (True, _pool._packing._pack(("stray", stray)))))
+
+
+def test_a_result_the_pool_reads_but_cannot_deliver_is_released():
+    """The stdlib's result handler drops results it cannot deliver (of a
+    call that is gone, and all it reads once the pool terminates). A worker
+    that exited normally left such a result's pin for the parent: the parent
+    opens every result as it reads it, so the memory goes with it."""
+    ctx = mp.get_context("fork")
+    with Pool(1, context=ctx) as pool:
+        before = ms.stats()
+        sender = ctx.Process(target=_send_a_stray_result, args=(pool._outqueue,))
+        sender.start()
+        sender.join(T)
+        assert sender.exitcode == 0
+        # Results are read in order: once this one is back, so was the stray.
+        assert pool.apply(identity, (7,)) == 7
+        gc.collect()
+        after = ms.stats()
+        assert (after["pins"], after["live_blocks"]) == (before["pins"], before["live_blocks"])
+
+
 def test_terminate_with_unconsumed_tasks_releases_pins():
     arr = np.ones((512, 1024))
     pool = Pool(1)

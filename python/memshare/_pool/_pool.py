@@ -98,9 +98,19 @@ class Pool(_stdlib.StdPool):
         def get() -> Any:
             data = reader.recv_bytes()
             try:
-                return ForkingPickler.loads(data)
+                task = ForkingPickler.loads(data)
             except Exception:  # an unreadable message names no call
                 return (None, 0, (False, None))
+            if isinstance(task, tuple) and len(task) == 3:
+                # Opened as soon as it is read: the stdlib's result handler
+                # drops what it reads once the pool terminates, and a
+                # worker that exited normally left its result's pins for us
+                # to consume. (Results are opened in this thread anyway.)
+                try:
+                    task = (task[0], task[1], _unpack(task[2]))
+                except (TypeError, ValueError):  # not a (success, value) pair
+                    pass
+            return task
 
         _stdlib.set_result_getter(self, get)
 
