@@ -248,26 +248,19 @@ def throughput(kind: str, n: int) -> float:
     return n / (t1 - t0)
 
 
-def rust_round_trip(n: int) -> float | None:
-    """Seconds per round trip of an 8-byte message through two ms.Queue
-    rings with Rust on both ends (examples/queue_peer.rs ping and echo): the
-    transport without Python, this machine's floor for it. None without
-    cargo."""
+def rust_peer() -> Path | None:
+    """examples/queue_peer.rs, built by cargo if it is here; None if absent."""
     exe = ROOT / "target" / "release" / "examples" / "queue_peer"
     if shutil.which("cargo") is not None:
-        build = [
-            "cargo",
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "memshare",
-            "--example",
-            "queue_peer",
-        ]
-        subprocess.run(build, cwd=ROOT, check=True, timeout=900)
-    if not exe.exists():
-        return None
+        build = ["cargo", "build", "--quiet", "--release", "-p", "memshare", "--example"]
+        subprocess.run([*build, "queue_peer"], cwd=ROOT, check=True, timeout=900)
+    return exe if exe.exists() else None
+
+
+def rust_round_trip(exe: Path, n: int) -> float:
+    """Seconds per round trip of an 8-byte message through two ms.Queue
+    rings with Rust on both ends (queue_peer ping and echo): the transport
+    without Python, this machine's floor for it."""
     a, b = Queue(), Queue()
     handles = f"{a._q.handle().hex()},{b._q.handle().hex()}"
     echo = subprocess.Popen([exe, "echo", handles, str(n)])
@@ -283,12 +276,12 @@ def bench_small() -> str:
     rts: dict[str, list[float]] = {k: [] for k in names}
     tps: dict[str, list[float]] = {k: [] for k in names}
     floor: list[float] = []
+    peer = rust_peer()  # built once, before the clock
     for _ in range(REPEAT):  # interleaved: ms, mp, pipe, Rust, ms, ...
         for k in names:
             rts[k].append(round_trip(k, 5000))
-        rust = rust_round_trip(5000)
-        if rust is not None:
-            floor.append(rust)
+        if peer is not None:
+            floor.append(rust_round_trip(peer, 5000))
         for k in names:
             tps[k].append(throughput(k, 100_000))
     rt = {k: statistics.median(v) for k, v in rts.items()}

@@ -180,8 +180,6 @@ class Queue:
         """
         self._check_closed()
         entries, payload = self._q.get(_timeout(block, timeout))
-        if not entries:
-            return _sharing.loads_message(entries, payload)
         return _decode(entries, payload)
 
     def put_nowait(self, obj: Any) -> None:

@@ -134,15 +134,13 @@ impl PyQueue {
             .iter()
             .map(|entry| (&*entry.0.block, layout_of(entry)))
             .collect();
-        py.detach(|| {
-            // Holding the blocks (a clone each) until they are pinned.
-            let held: Vec<(Block, ArrayMeta)> =
-                blocks.into_iter().map(|(b, m)| (b.clone(), m)).collect();
-            match with_deadline(deadline, || self.q.put_blocks(&held, payload, t)) {
+        // `entries` holds the blocks until the put returns.
+        py.detach(
+            || match with_deadline(deadline, || self.q.put_blocks(&blocks, payload, t)) {
                 Err(Error::Busy(_)) => Err(Error::Full),
                 r => r,
-            }
-        })
+            },
+        )
         .map_err(to_pyerr)
     }
 

@@ -47,13 +47,11 @@ fn run(mode: &str, handles: &str, n: usize) -> memshare::Result<()> {
                 if memshare::message::is_message(msg.as_bytes()) {
                     // A message with a handle table (any Python object): its
                     // arrays travel on, pinned for the next queue.
-                    let blocks: Vec<_> = msg.entries().to_vec();
-                    to.put_blocks(&blocks, msg.payload(), timeout)?;
+                    to.put_blocks(msg.entries(), msg.payload(), timeout)?;
                 } else {
                     to.put(msg.payload(), timeout)?;
                 }
             }
-            return Ok(());
         }
         ("ping", [to, from]) => {
             // The first round trip maps what it uses; the rest are timed.
@@ -66,18 +64,8 @@ fn run(mode: &str, handles: &str, n: usize) -> memshare::Result<()> {
             }
             let mean = t0.elapsed().as_secs_f64() / (n.max(2) - 1) as f64;
             println!("round trip {:.2} us", mean * 1e6);
-            return Ok(());
         }
-        ("produce" | "consume", [_]) => {}
-        _ => {
-            return Err(memshare::Error::InvalidArgument(format!(
-                "unknown mode {mode} or wrong number of queues: see the usage"
-            )))
-        }
-    }
-    let q = &queues[0];
-    match mode {
-        "produce" => {
+        ("produce", [q]) => {
             let arena = q.block().arena().clone();
             for i in 0..n {
                 let a = ArrayD::from_shape_fn(IxDyn(&[i + 1, 4]), |ix| {
@@ -86,7 +74,7 @@ fn run(mode: &str, handles: &str, n: usize) -> memshare::Result<()> {
                 q.put_array(&SharedArray::from_view(&arena, a.view())?, timeout)?;
             }
         }
-        "consume" => {
+        ("consume", [q]) => {
             for _ in 0..n {
                 let a = q.get_array(timeout)?;
                 let sum: f64 = a.view::<f64>()?.sum();
@@ -95,7 +83,7 @@ fn run(mode: &str, handles: &str, n: usize) -> memshare::Result<()> {
         }
         _ => {
             return Err(memshare::Error::InvalidArgument(format!(
-                "unknown mode {mode}: use produce or consume"
+                "unknown mode {mode} or wrong number of queues: see the usage"
             )))
         }
     }

@@ -159,6 +159,16 @@ impl Encoder {
         Ok(())
     }
 
+    /// Bytes written so far: where the next entry starts in the message.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True before anything but the header is written.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// The message: header, table, then `payload`.
     pub fn finish(mut self, payload: &[u8]) -> Vec<u8> {
         let table = (self.buf.len() - HEADER_LEN) as u32;

@@ -59,6 +59,7 @@
 //! and by the consumer once `get` returns. The queue reads that table and
 //! nothing else: it never looks into the payload.
 
+use std::borrow::Borrow;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -593,36 +594,26 @@ impl Queue {
     /// none by the sender: a message its sender pinned ([`Queue::put_message`])
     /// costs a pin and then a move. The blocks stay held by the caller
     /// until the put returns.
-    pub fn put_blocks(
+    pub fn put_blocks<B: Borrow<Block>>(
         &self,
-        blocks: &[(Block, ArrayMeta)],
+        blocks: &[(B, ArrayMeta)],
         payload: &[u8],
         timeout: Option<Duration>,
     ) -> Result<()> {
-        let mut entries = Vec::with_capacity(blocks.len());
+        // Unpinned handles hold the places the pins will take (`fill`); the
+        // encoder checks each layout against its block.
+        let mut enc = message::Encoder::new();
+        let mut embedded = Vec::with_capacity(blocks.len());
         for (b, layout) in blocks {
-            message::check_layout(layout, b.len())?;
+            let b = b.borrow();
             let entry = message::Entry {
                 handle: b.unpinned_handle(),
                 layout: layout.clone(),
             };
-            entries.push((entry, message::key_of(b.arena())));
+            embedded.push((enc.len(), Embedded::Opened(b.clone())));
+            enc.push(&entry, &message::key_of(b.arena()))?;
         }
-        let msg = message::encode(&entries, payload)?;
-        let offsets = message::decode(&msg, |t| {
-            blocks
-                .iter()
-                .map(|(b, _)| b.arena())
-                .find(|a| a.token() == *t)
-                .map(|a| a.mac_key())
-                .ok_or_else(|| Error::InvalidHandle("message names an unknown arena".into()))
-        })?
-        .offsets;
-        let embedded = offsets
-            .into_iter()
-            .zip(blocks)
-            .map(|(off, (b, _))| (off, Embedded::Opened(b.clone())))
-            .collect();
+        let msg = enc.finish(payload);
         let big = self.own_block_for(&msg)?;
         let prepared = Prepared {
             embedded,

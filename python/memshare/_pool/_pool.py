@@ -105,7 +105,7 @@ class Pool(_stdlib.StdPool):
                 # Opened as soon as it is read: the stdlib's result handler
                 # drops what it reads once the pool terminates, and a
                 # worker that exited normally left its result's pins for us
-                # to consume. (Results are opened in this thread anyway.)
+                # to consume. This is the one place results are opened.
                 try:
                     task = (task[0], task[1], _unpack(task[2]))
                 except (TypeError, ValueError):  # not a (success, value) pair

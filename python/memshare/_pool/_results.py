@@ -1,7 +1,7 @@
 """Result objects of :class:`Pool` calls.
 
-Subclasses of the stdlib's result objects that unpickle packed results (so a
-result that cannot be rebuilt fails its own call only), keep the call's
+Subclasses of the stdlib's result objects (they receive results already
+opened by the pool's result getter, ``Pool._setup_queues``), keep the call's
 :class:`_CallState` alive until the call is over, drive the progress bar, and
 can be failed from outside (``_fail``) when a worker dies.
 """
@@ -12,7 +12,6 @@ from typing import Any
 
 from . import _stdlib
 from ._arguments import _CallState
-from ._packing import _unpack
 from ._stdlib import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 
 
@@ -47,9 +46,8 @@ class _Tracked:
 class _ApplyResult(_Tracked, ApplyResult):
     def _set(self, i, obj):
         if self._failed:
-            _unpack(obj)  # opens (and drops) its handles: consumes their pins
-            return
-        super()._set(i, _unpack(obj))
+            return  # opened as it was read (Pool's getter): dropping frees it
+        super()._set(i, obj)
         self._progress(1)
         self._finished()
 
@@ -64,10 +62,9 @@ class _ApplyResult(_Tracked, ApplyResult):
 class _MapResult(_Tracked, MapResult):
     def _set(self, i, success_result):
         if self._failed:
-            _unpack(success_result)
             return
-        success, value = _unpack(success_result)
-        super()._set(i, (success, value))
+        success, value = success_result
+        super()._set(i, success_result)
         self._progress(len(value) if success else 0)
         if _stdlib.is_released(self):
             self._finished()
@@ -89,7 +86,6 @@ class _IterMixin(_Tracked):
         _stdlib.make_iterator_reentrant(self)
 
     def _set(self, i, obj):
-        obj = _unpack(obj)
         with _stdlib.iterator_condition(self):
             if self._failed:
                 return
