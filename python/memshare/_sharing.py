@@ -627,18 +627,19 @@ def begin_task() -> None:
 
 def worker_holding() -> bool:
     """Asked by a pool worker's task queue (``_stdlib.TaskQueue``) as it takes
-    a task: does this worker hold arguments or cached free blocks that it
-    must let go of (:func:`worker_let_go`) before it waits? Being asked
+    a task: does this worker hold arguments, cached free blocks or put-off
+    releases that it must let go of (:func:`worker_let_go`) before it waits? Being asked
     means it will be told to, so from then on it keeps arguments open
     between tasks (an idle pool holds nothing a finished call sent)."""
     global _keep_arguments_open
     _keep_arguments_open = True
-    return bool(_kept_open) or _native.cached_block_bytes() > 0
+    return bool(_kept_open) or _native.held_back_bytes() > 0
 
 
 def worker_let_go() -> None:
     """This pool worker is about to wait for work: the arguments it kept
-    open and the free blocks its tasks' temporaries left in its cache go."""
+    open, the free blocks its tasks' temporaries left in its cache, and the
+    results it sent and dropped (their releases put off) go."""
     _kept_open.clear()
     _native.flush_block_cache()
 

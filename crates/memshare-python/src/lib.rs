@@ -635,17 +635,19 @@ fn _debug_release_arena_lock(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-/// Gives this process's caches of free blocks back to the shared heap now
-/// (a worker about to idle; they also go by themselves after a second).
+/// Gives this process's caches of free blocks back to the shared heap now,
+/// and carries out the releases it put off (a worker about to idle; both
+/// also go by themselves within a second or two).
 #[pyfunction]
 fn flush_block_cache(py: Python<'_>) -> PyResult<()> {
     py.detach(memshare::arena::flush_caches).map_err(to_pyerr)
 }
 
-/// Bytes in this process's caches of free blocks (one atomic load).
+/// Bytes this process holds back: its caches of free blocks and the blocks
+/// whose release it put off to its next transaction (two atomic loads).
 #[pyfunction]
-fn cached_block_bytes() -> u64 {
-    memshare::arena::cached_bytes()
+fn held_back_bytes() -> u64 {
+    memshare::arena::cached_bytes() + memshare::arena::pending_release_bytes()
 }
 
 /// How many Rust panics happened in this process (tests assert none).
@@ -661,7 +663,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     numpy_hook::install_fork_handlers();
     m.add_function(wrap_pyfunction!(panic_count, m)?)?;
     m.add_function(wrap_pyfunction!(flush_block_cache, m)?)?;
-    m.add_function(wrap_pyfunction!(cached_block_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(held_back_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(call_with_timeout, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_hold_arena_lock, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_release_arena_lock, m)?)?;

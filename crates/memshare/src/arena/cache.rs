@@ -36,16 +36,18 @@ static CACHED: AtomicU64 = AtomicU64::new(0);
 /// Gives the caches of free blocks of this process (every arena it is
 /// attached to) back to the shared heaps now: for a process about to idle
 /// that must not hold memory meanwhile (a pool worker waiting for work, a
-/// Dask worker between tasks). One transaction per arena with a cache.
+/// Dask worker between tasks). Carries out the releases this process put
+/// off too (see `releases`). One transaction per arena with either.
 pub fn flush_caches() -> Result<()> {
-    if cached_bytes() == 0 {
+    if cached_bytes() == 0 && super::pending_release_bytes() == 0 {
         return Ok(()); // the common case: no arena to visit
     }
     for arena in Arena::all_attached() {
         let mut local = lock_local(&arena.inner.local);
-        if !local.usable() || local.cache.is_empty() {
+        if !local.usable() || (local.cache.is_empty() && local.releases.is_empty()) {
             continue;
         }
+        // The transaction carries out the put-off releases as it starts.
         arena.inner.txn(&mut local)?.flush_cache()?;
     }
     Ok(())

@@ -133,6 +133,7 @@ fn after_fork_in_child() {
         Some(f) => {
             // Emptied before the reservation; the parent's if it was not.
             local.cache.drain();
+            local.releases.drain();
             local.claimed(f.fd, f.slot, f.epoch)
         }
         // Not prepared (no free slot, or attached after the reservation):

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::block::Block;
 use super::cache::{BlockCache, CachedBlock};
 use super::fork::ForkReservation;
+use super::releases::{PendingRelease, PendingReleases};
 use super::Arena;
 use crate::error::Error;
 use crate::layout::BlockRef;
@@ -58,6 +59,8 @@ pub(super) struct Local {
     pub(super) fork: Option<ForkReservation>,
     /// Free blocks this process keeps for its next allocations.
     pub(super) cache: BlockCache,
+    /// Blocks this process let go of, released at its next transaction.
+    pub(super) releases: PendingReleases,
 }
 
 impl Local {
@@ -76,6 +79,7 @@ impl Local {
             pid: sys::pid(),
             fork: None,
             cache: BlockCache::default(),
+            releases: PendingReleases::default(),
         }
     }
 
@@ -114,6 +118,7 @@ impl Local {
         self.refs.clear();
         self.by_ref.clear();
         self.cache.drain();
+        self.releases.drain();
     }
 
     /// The error for an attachment that is not [`Local::usable`].
@@ -200,8 +205,18 @@ impl Arena {
             return;
         }
         // Held by this process alone: kept for the next allocation, no lock.
+        // Held by others too: released at this process's next transaction.
         let to_free = if private {
             local.cache.put(cached)
+        } else if local.fork.is_none()
+            && local.releases.put(PendingRelease {
+                bref,
+                generation,
+                size: cached.size,
+            })
+        {
+            super::decay::ensure_thread(); // applies it within a tick at the latest
+            return;
         } else {
             vec![cached]
         };

@@ -5,8 +5,10 @@
 //! metadata under the arena mutex), `heap` (blocks, bins, split/merge,
 //! growth), `holders` (cross-process references), `pins` (in-flight handles),
 //! `repair` (crash recovery), `slots` (process slots, liveness, leaving),
-//! `fork`, `local` (this process's references and mappings), `admin`
-//! (stats, `ls`, `gc`) and `block` (`Block`, `PrivateView`).
+//! `fork`, `local` (this process's references and mappings), `cache` (free
+//! blocks kept for the next allocations), `releases` (releases put off to
+//! the next transaction), `admin` (stats, `ls`, `gc`) and `block` (`Block`,
+//! `PrivateView`).
 //!
 //! Lifetime rules (see docs/how-it-works.md):
 //! - Each attached process owns a *slot*; it holds an OFD lock on the slot's
@@ -32,6 +34,7 @@ mod local;
 mod naming;
 mod pins;
 mod prefault;
+mod releases;
 mod repair;
 mod segments;
 mod slots;
@@ -49,6 +52,7 @@ pub use fork::reserve_fork_slots;
 pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
 pub use pins::Lease;
 pub use prefault::{huge_pages, populate_idle, populated_bytes, HugePages, POPULATE_MIN};
+pub use releases::pending_release_bytes;
 pub use slots::SlotInfo;
 pub use txn::{has_deadline, lock_acquisitions, with_deadline};
 
@@ -164,7 +168,9 @@ impl Arena {
         }
         let mut local = Local::new(fd);
         local.claimed_here(slot, epoch);
-        local.cache.cap = cache::cap_bytes(limit, sys::space(dir).0);
+        let dir_bytes = sys::space(dir).0;
+        local.cache.cap = cache::cap_bytes(limit, dir_bytes);
+        local.releases.cap = releases::cap_bytes(limit, dir_bytes);
         Ok(Self::register(dir, token, map, local))
     }
 
@@ -244,10 +250,11 @@ impl Arena {
             let fd = sys::reopen(&ctl_path(dir, &token))?;
             let mut txn = arena.inner.txn(&mut local)?;
             let (slot, epoch) = txn.claim_slot(&fd)?;
-            let cap = cache::cap_bytes(txn.ctl.limit, sys::space(dir).0);
+            let (limit, dir_bytes) = (txn.ctl.limit, sys::space(dir).0);
             drop(txn);
             local.claimed(fd, slot, epoch);
-            local.cache.cap = cap;
+            local.cache.cap = cache::cap_bytes(limit, dir_bytes);
+            local.releases.cap = releases::cap_bytes(limit, dir_bytes);
         }
         Ok(arena)
     }

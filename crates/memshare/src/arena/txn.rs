@@ -136,6 +136,7 @@ impl Inner {
         if state == LockState::OwnerDied {
             txn.repair()?;
         }
+        txn.apply_pending_releases();
         Ok(Some(txn))
     }
 }

@@ -1,0 +1,145 @@
+//! Releases put off to this process's next transaction. When this process
+//! drops its last reference to a block that others may hold too (one it
+//! received, or one it made a handle of), clearing its holder bit needs the
+//! arena's lock. Instead the release waits, in this list, for whichever of
+//! these comes first:
+//! - this process's next transaction, which applies the list before doing
+//!   anything else (so a pool worker's "allocate a result, send it, drop it"
+//!   costs the lock of the next allocation only, and the parent's "open a
+//!   result, drop it" that of the next open);
+//! - the caches' flush (a pool worker about to wait for work, `fork`, leaving);
+//! - the decay thread's next tick (about a second).
+//!
+//! Meanwhile the block stays LIVE and held by this process, as if the
+//! reference were still alive: nothing reuses it early, and if the process
+//! dies the reaper clears its bit like any other. The list is bounded like
+//! the cache of free blocks ([`MAX_BLOCKS`] blocks, 1/32 of the arena's
+//! limit and of its directory), so it never keeps a small `/dev/shm` from
+//! the other processes: what does not fit is released at once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::cache::MAX_BLOCKS;
+use super::txn::Txn;
+use crate::layout::BlockRef;
+
+/// Bytes of the blocks whose release this process has put off (every arena).
+pub fn pending_release_bytes() -> u64 {
+    PENDING.load(Ordering::Relaxed)
+}
+
+static PENDING: AtomicU64 = AtomicU64::new(0);
+
+/// The bound of one process's list: 1/32 of the arena's limit and of its
+/// directory's size. Not capped further, unlike the cache: a put-off block
+/// is memory its receiver or sender holds anyway most of the time, and it
+/// waits for a second at most.
+pub(super) fn cap_bytes(limit: u64, dir_bytes: u64) -> u64 {
+    (limit / 32).min(dir_bytes / 32)
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PendingRelease {
+    pub(super) bref: BlockRef,
+    pub(super) generation: u64,
+    pub(super) size: u64,
+}
+
+#[derive(Default)]
+pub(super) struct PendingReleases {
+    blocks: Vec<PendingRelease>,
+    bytes: u64,
+    /// At most this many bytes (0: releases are never put off); set on attach.
+    pub(super) cap: u64,
+}
+
+impl Drop for PendingReleases {
+    fn drop(&mut self) {
+        self.set_bytes(0);
+    }
+}
+
+impl PendingReleases {
+    /// Puts off the release of `r`; false if it does not fit (release it now).
+    pub(super) fn put(&mut self, r: PendingRelease) -> bool {
+        if self.blocks.len() >= MAX_BLOCKS || self.bytes.saturating_add(r.size) > self.cap {
+            return false;
+        }
+        self.set_bytes(self.bytes + r.size);
+        self.blocks.push(r);
+        true
+    }
+
+    /// Empties the list (the caller releases what it returns, or forgets it).
+    pub(super) fn drain(&mut self) -> Vec<PendingRelease> {
+        self.set_bytes(0);
+        std::mem::take(&mut self.blocks)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Sets this list's byte count, keeping the process total.
+    fn set_bytes(&mut self, bytes: u64) {
+        if bytes >= self.bytes {
+            PENDING.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            PENDING.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
+    }
+}
+
+impl Txn<'_> {
+    /// Carries out the releases this process put off (every transaction
+    /// starts with this, so none is ever applied after a later change of
+    /// this process: opening the same block again sets the bit anew).
+    pub(super) fn apply_pending_releases(&mut self) {
+        if self.local.releases.is_empty() {
+            return;
+        }
+        for r in self.local.releases.drain() {
+            // Errors here mean the arena was removed; nothing left to release.
+            let _ = self.drop_holder(r.bref, r.generation);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(i: u64, size: u64) -> PendingRelease {
+        PendingRelease {
+            bref: BlockRef::new(0, 128 + i * 64),
+            generation: i,
+            size,
+        }
+    }
+
+    #[test]
+    fn stays_within_its_bounds() {
+        let mut p = PendingReleases::default();
+        p.cap = 10_000;
+        assert!(!p.put(pending(1, 20_000)), "larger than the cap");
+        assert!(p.put(pending(2, 6000)));
+        assert!(!p.put(pending(3, 6000)), "over the cap with the first");
+        assert_eq!(p.drain().len(), 1);
+        p.cap = u64::MAX;
+        let kept = (0..40).filter(|&i| p.put(pending(i, 64))).count();
+        assert_eq!(kept, MAX_BLOCKS);
+        assert!(pending_release_bytes() >= 64 * MAX_BLOCKS as u64);
+        assert_eq!(p.drain().len(), MAX_BLOCKS);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn the_cap_is_a_small_share_of_the_limit_and_the_directory() {
+        assert_eq!(cap_bytes(u64::MAX, 12 << 30), 384 << 20);
+        assert_eq!(cap_bytes(u64::MAX, 64 << 20), 2 << 20);
+        assert_eq!(cap_bytes(32 << 20, 12 << 30), 1 << 20);
+        let off = PendingReleases::default();
+        assert_eq!(off.cap, 0, "off until attached");
+    }
+}
