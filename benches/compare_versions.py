@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import REPEAT, ROOT, conditions, fmt_time, load, summary, table
 
-# Each probe prints one JSON object: {"figure": seconds} (lower is better)
-# or {"tasks_per_s": ...} (higher is better).
+# Each probe prints one JSON object: {"seconds": ...} or {"locks": ...}
+# (lower is better) or {"tasks_per_s": ...} (higher is better).
 PROBES = {
     "workload (a), ms.Pool(2), 16 tasks": (
         "tasks_per_s",
@@ -144,6 +144,17 @@ PROBES = {
             print(json.dumps({"seconds": sorted(t)[2]}))
         """,
     ),
+    "camera/matcher without sleeps: arena-lock acquisitions per frame sent": (
+        "locks",
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "examples")!r})
+        import producer_consumer
+        if __name__ == "__main__":
+            r = producer_consumer.run(fps=None)
+            print(json.dumps({{"locks": r["lock_acquisitions"] / r["sent"]}}))
+        """,
+    ),
 }
 
 PRELUDE = "import json, time, numpy as np, memshare as ms\n"
@@ -165,6 +176,8 @@ def run_probe(python: str, code: str) -> dict:
 def fmt(kind: str, m: tuple[float, float, float]) -> str:
     if kind == "tasks_per_s":
         return f"{m[0]:.2f} [{m[1]:.2f}-{m[2]:.2f}] tasks/s"
+    if kind == "locks":
+        return f"{m[0]:.1f} [{m[1]:.1f}-{m[2]:.1f}]"
     return f"{fmt_time(m[0])} [{fmt_time(m[1])}-{fmt_time(m[2])}]"
 
 
@@ -192,14 +205,14 @@ def main() -> int:
             for name, py in (("before", args.before), ("after", args.after)):
                 runs[name].append(run_probe(py, code)[kind])
         b, a = summary(runs["before"]), summary(runs["after"])
-        ratio = a[0] / b[0] if kind == "tasks_per_s" else b[0] / a[0]
+        ratio = a[0] / b[0] if kind == "tasks_per_s" else b[0] / a[0]  # fewer locks: better
         rows.append([title, fmt(kind, b), fmt(kind, a), f"{ratio:.2f}x"])
         print(rows[-1], flush=True)
     print(
         table(
             f"Before and after (median [min-max] of {args.repeat} alternating runs; "
             f"load {load():.2f} when done)",
-            ["", "before", "after", "after is faster by"],
+            ["", "before", "after", "after is better by"],
             rows,
         )
     )

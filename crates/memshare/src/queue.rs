@@ -61,6 +61,7 @@
 
 use std::borrow::Borrow;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::arena::{Arena, Block};
@@ -86,6 +87,11 @@ pub const STUCK_AFTER: Duration = Duration::from_millis(10);
 /// Waiters wake at least this often even if nobody wakes them, as insurance
 /// against wake-ups lost with a process that died right after being woken.
 const IDLE_SLICE: Duration = Duration::from_secs(1);
+/// How long a waiter keeps looking (yielding the core between looks) before
+/// it sleeps on the futex: a peer on the other core usually answers sooner
+/// than a futex sleep and wake-up take, and a waiter that is still looking
+/// needs no wake-up call. Not on one core, where looking only delays the peer.
+const LOOK_FOR: Duration = Duration::from_micros(50);
 
 const FLAG_JOINABLE: u32 = 1;
 
@@ -1115,6 +1121,14 @@ pub trait SlotMem {
     /// Wakes up to `n` sleepers on `word`.
     fn futex_wake(&self, word: &Self::A32, n: u32);
     fn now(&self) -> Instant;
+    /// How long a waiter keeps looking before it sleeps (see [`LOOK_FOR`]).
+    fn look_for(&self) -> Duration {
+        if several_cores() {
+            LOOK_FOR
+        } else {
+            Duration::ZERO
+        }
+    }
     /// This process's owner tag.
     fn me(&self) -> u32;
     /// True if the process that holds owner tag `owner` is alive.
@@ -1178,6 +1192,7 @@ fn wait<M: SlotMem, T>(
     // (pos, word) of a foreign claimed slot in the way, first seen when,
     // owner last checked when.
     let mut stuck: Option<(u64, u64, Instant, Instant)> = None;
+    let look_until = m.now() + m.look_for();
     loop {
         let blocker = match attempt() {
             Attempt::Done(r) => return r,
@@ -1187,8 +1202,13 @@ fn wait<M: SlotMem, T>(
         if is_closed(m) {
             return Err(Error::Closed);
         }
-        if remaining(deadline, m.now()) == Some(Duration::ZERO) {
+        let now = m.now();
+        if remaining(deadline, now) == Some(Duration::ZERO) {
             return Err(timeout_err());
+        }
+        if now < look_until {
+            std::thread::yield_now();
+            continue;
         }
         let mut slice = IDLE_SLICE;
         if let Some((pos, w)) = blocker {
@@ -1233,6 +1253,12 @@ fn wait<M: SlotMem, T>(
         }
         waiters.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// True if this process may run on more than one core (read once).
+fn several_cores() -> bool {
+    static SEVERAL: OnceLock<bool> = OnceLock::new();
+    *SEVERAL.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
 /// Repairs the slot at `pos` if it still holds `word` and the owner is

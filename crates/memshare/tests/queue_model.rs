@@ -281,6 +281,11 @@ impl SlotMem for Model {
     fn now(&self) -> Instant {
         self.ctx.base + self.ctx.clock.get()
     }
+    /// The model's clock moves only when a wait times out: no looking first
+    /// (it would add only more of the attempts the model already explores).
+    fn look_for(&self) -> Duration {
+        Duration::ZERO
+    }
     fn me(&self) -> u32 {
         tag(self.ctx.pid)
     }
