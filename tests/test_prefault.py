@@ -45,6 +45,29 @@ def test_lock_acquisitions_count_each_transaction():
     assert ms.stats()["lock_acquisitions"] == after  # reading the figure takes no count
 
 
+def test_a_queued_array_costs_one_lock_to_put_and_one_to_get():
+    """put pins the array for the queue; get with a timeout looks at the
+    lock's word (free: not taken) and opens the array; dropping it takes
+    none (released at the next call)."""
+    q = ms.Queue()
+    a = ms.zeros(1024)
+    gc.disable()
+    try:
+        q.put(a, timeout=TIMEOUT)  # the first put: the queue's own setup
+        q.get(timeout=TIMEOUT)
+        before = ms.stats()["lock_acquisitions"]
+        q.put(a, timeout=TIMEOUT)
+        put = ms.stats()["lock_acquisitions"]
+        b = q.get(timeout=TIMEOUT)
+        got = ms.stats()["lock_acquisitions"]
+        del b
+        dropped = ms.stats()["lock_acquisitions"]
+    finally:
+        gc.enable()
+    assert (put - before, got - put, dropped - got) == (1, 1, 0)
+    del a, q
+
+
 def _present_pages(arr: np.ndarray) -> tuple[int, int]:
     """(pages of ``arr`` whose page-table entry is present, pages of ``arr``)."""
     page = os.sysconf("SC_PAGE_SIZE")

@@ -603,6 +603,28 @@ impl RobustMutex {
         // SAFETY: only called by the thread that holds the lock (see `ArenaLock`).
         unsafe { libc::pthread_mutex_unlock(self.ptr) };
     }
+
+    /// True if nobody held the mutex at the instant of the call, seen
+    /// without taking it: its futex word is 0. A robust mutex's word is the
+    /// owner's thread id while held (the kernel's robust-futex protocol, which
+    /// also sets `FUTEX_OWNER_DIED` in it when the owner dies), and glibc
+    /// keeps it first in `pthread_mutex_t`. Elsewhere than glibc: false (the
+    /// caller then takes the lock to know).
+    pub fn looks_free(&self) -> bool {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            // SAFETY: `self.ptr` points to an initialised mutex in a live
+            // mapping, 64-byte aligned; its first 4 bytes are glibc's futex
+            // word (`__data.__lock`), which the kernel and glibc change only
+            // atomically, so an atomic load of it is sound.
+            let word = unsafe { &*(self.ptr as *const AtomicU32) };
+            word.load(std::sync::atomic::Ordering::Acquire) == 0
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        {
+            false
+        }
+    }
 }
 
 /// Waits while `*word == expected`, at most `timeout` (None: forever).
@@ -678,4 +700,42 @@ pub fn memory_available() -> u64 {
         }
     }
     avail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(64))]
+    struct MutexBytes([u8; MUTEX_BYTES]);
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn a_robust_mutex_looks_free_only_while_nobody_holds_it() {
+        let mut bytes = Box::new(MutexBytes([0; MUTEX_BYTES]));
+        // SAFETY: 64 aligned bytes that outlive the mutex value, initialised next.
+        let m = unsafe { RobustMutex::from_ptr(bytes.0.as_mut_ptr()) };
+        m.init().unwrap();
+        assert!(m.looks_free());
+        assert_eq!(m.lock().unwrap(), LockState::Clean);
+        assert!(!m.looks_free(), "held by this thread");
+        m.unlock();
+        assert!(m.looks_free());
+        let addr = bytes.0.as_mut_ptr() as usize;
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: as above; the box outlives the thread (joined below).
+            let m = unsafe { RobustMutex::from_ptr(addr as *mut u8) };
+            m.lock().unwrap();
+            held_tx.send(()).unwrap();
+            go_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+            m.unlock();
+        });
+        held_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert!(!m.looks_free(), "held by another thread");
+        go_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(m.looks_free());
+    }
 }

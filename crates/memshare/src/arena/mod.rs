@@ -283,10 +283,21 @@ impl Arena {
     }
 
     /// Waits until this process can take the arena's lock (within this
-    /// thread's deadline, see [`with_deadline`]), and lets it go: for a step
-    /// that must not start unless the lock is to be had, such as taking a
-    /// queued message whose blocks are then opened.
+    /// thread's deadline, see [`with_deadline`]): for a step that must not
+    /// start unless the lock is to be had, such as taking a queued message
+    /// whose blocks are then opened. A lock that nobody holds right now is
+    /// not taken (one look at its word: no acquisition); a held one is
+    /// waited for, taken and let go.
     pub fn wait_for_lock(&self) -> Result<()> {
+        {
+            let local = lock_local(&self.inner.local);
+            if !local.usable() {
+                return Err(local.unusable_error());
+            }
+        }
+        if self.inner.lock_looks_free() {
+            return Ok(());
+        }
         self.with_txn(|_| Ok(()))
     }
 

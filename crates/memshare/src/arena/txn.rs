@@ -89,6 +89,18 @@ impl Inner {
         self.ctl.ptr().cast()
     }
 
+    fn mutex(&self) -> RobustMutex {
+        let ctl_ptr = self.ctl_ptr();
+        // SAFETY: the control mapping is at least CTL_SIZE bytes (checked on
+        // attach) and the mutex field lies inside it, 64-byte aligned.
+        unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) }
+    }
+
+    /// True if nobody holds the arena's mutex at this instant (not taking it).
+    pub(super) fn lock_looks_free(&self) -> bool {
+        self.mutex().looks_free()
+    }
+
     /// Locks the shared mutex; repairs the metadata first if a holder died.
     pub(super) fn txn<'a>(&'a self, local: &'a mut Local) -> Result<Txn<'a>> {
         self.txn_with(local, true)
@@ -102,10 +114,7 @@ impl Inner {
 
     fn txn_with<'a>(&'a self, local: &'a mut Local, wait: bool) -> Result<Option<Txn<'a>>> {
         let ctl_ptr = self.ctl_ptr();
-        // SAFETY: the control mapping is at least CTL_SIZE bytes (checked on
-        // attach) and the mutex field lies inside it, 64-byte aligned.
-        let mutex =
-            unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
+        let mutex = self.mutex();
         let state = if wait {
             match mutex.lock_until(DEADLINE.with(|d| d.get()))? {
                 Some(state) => state,
