@@ -88,25 +88,46 @@ Built:
    between consecutive tasks (they let go before they wait for work). The
    frame of workload (a) costs no lock per task in the steady state.
 
+3. **Releases put off to the next transaction** (`arena/releases.rs`). A
+   process that drops its last reference to a block others may hold (one it
+   sent, or a received one up to 16 MiB) clears its holder bit first thing
+   in its next transaction instead of taking the lock for it; at the latest
+   the caches' flush or the decay thread's next tick (about a second) does.
+   Bounded like the cache. A pool worker's "allocate, send, drop" costs two
+   acquisitions per task, a queue consumer's "get, drop" one. Larger
+   received blocks are freed at once: putting off the receiver's release
+   (most often the last) of workload (a)'s 200 MB results brought it to 4.0
+   per task but made it 7% slower, as the workers' next results found no
+   free block and grew the arena.
+4. **A queue `get` that looks at the lock instead of taking it** to check
+   that it is free before it claims a message with arrays (one atomic load
+   of the mutex's futex word; a held lock is waited for as before).
+
 Workload (a) went from 16.4 acquisitions per task to the figure in the Pool
-table; what is left is the result's own path (the worker allocates it, pins
-it and lets go of it; the parent opens it and frees it), which crosses
-processes and so goes through the shared heap.
+table: each further task costs 4 (the worker allocates its result and pins
+it; the parent opens it and frees it), and each call about 25 more (the
+frame's three arrays shared, pinned and opened by each worker). The
+camera/matcher program costs about 3 per frame sent (the camera allocates
+and puts; the matcher opens; frames dropped for a full queue add theirs).
+What stands between workload (a) and 3 per task is the parent's free of a
+large result: marks of put-off releases in shared memory (a per-slot bit an
+allocation that would grow the arena may clear on the owner's behalf) would
+let it wait without keeping the memory from the next result.
 
 Not built, and the next steps past 2 cores:
 
-3. **Hand-offs without the lock.** Sending a handle pins the block in the
+5. **Hand-offs without the lock.** Sending a handle pins the block in the
    pin table (one transaction) and receiving consumes it (another). With a
    per-process pin range (each slot owns a slice of the pin table; only its
    owner writes it, the receiver clears it with one atomic compare-exchange)
    both go lock-free; the holder bitmap is already per slot and can be set
    with an atomic OR.
-4. **Batched cross-process frees.** A block freed by a process that did not
+6. **Batched cross-process frees.** A block freed by a process that did not
    allocate it (the parent freeing a worker's result) goes to the freeing
    process's cache only if that process allocates that size itself; a
    per-size exchange list in shared memory (one atomic push, no mutex) would
    let the worker that allocates results take them back without the lock.
-5. **More heaps than one.** Past a few hundred cores even batched traffic on
+7. **More heaps than one.** Past a few hundred cores even batched traffic on
    one lock is a hotspot; the control header can hold several heaps (one per
    NUMA node or per group of slots), each with its own mutex, and a block
    reference already names its segment, so a free finds its heap without a

@@ -166,32 +166,44 @@ def _worker_locks(_):
     return os.getpid(), ms.stats()["lock_acquisitions"]
 
 
+def _call_locks(pool, frame, tasks: int) -> tuple[int, int]:
+    """Arena-lock acquisitions of the parent and of all workers during one
+    imap call of ``tasks`` tasks of workload (a)."""
+    labels = [frame.index[i % len(frame)] for i in range(tasks)]
+    before = dict(pool.map(_worker_locks, range(WORKERS), chunksize=1))
+    parent0 = ms.stats()["lock_acquisitions"]
+    total = 0.0
+    for r in pool.imap(outer_product.do_work, ((frame, label) for label in labels)):
+        total += r.sum()
+    del r
+    parent1 = ms.stats()["lock_acquisitions"]
+    after = dict(pool.map(_worker_locks, range(WORKERS), chunksize=1))
+    return parent1 - parent0, sum(after[pid] - before[pid] for pid in after)
+
+
 def bench_lock_traffic(tasks: int = 24) -> str:
     ctx = mp.get_context()
     frame = outer_product.make_frame()
-    labels = [frame.index[i % len(frame)] for i in range(tasks)]
     barrier = ctx.Barrier(WORKERS)
     with ms.Pool(WORKERS, initializer=_keep_barrier, initargs=(barrier,)) as pool:
-        total = 0.0
-        for r in pool.imap(outer_product.do_work, ((frame, label) for label in labels[:2])):
-            total += r.sum()  # warm: the frame is shared once, segments mapped
-        before = dict(pool.map(_worker_locks, range(WORKERS), chunksize=1))
-        parent0 = ms.stats()["lock_acquisitions"]
-        for r in pool.imap(outer_product.do_work, ((frame, label) for label in labels)):
-            total += r.sum()
-        del r
-        parent1 = ms.stats()["lock_acquisitions"]
-        after = dict(pool.map(_worker_locks, range(WORKERS), chunksize=1))
-    workers = sum(after[pid] - before[pid] for pid in after)
-    parent = parent1 - parent0
+        _call_locks(pool, frame, 2)  # warm: segments mapped, workers started
+        parent, workers = _call_locks(pool, frame, tasks)
+        parent2, workers2 = _call_locks(pool, frame, 2 * tasks)
+    extra_p, extra_w = parent2 - parent, workers2 - workers
     rows = [
         ["parent (sends tasks, receives and frees results)", parent, f"{parent / tasks:.1f}"],
         [f"{WORKERS} workers (allocate results, send them)", workers, f"{workers / tasks:.1f}"],
         ["all processes", parent + workers, f"{(parent + workers) / tasks:.1f}"],
+        [
+            f"each further task (a {2 * tasks}-task call less a {tasks}-task one): "
+            "parent + workers",
+            f"{extra_p} + {extra_w}",
+            f"{(extra_p + extra_w) / tasks:.1f}",
+        ],
     ]
     return table(
-        f"Arena-lock acquisitions, workload (a) with memshare.Pool, {tasks} tasks "
-        "(ms.stats()['lock_acquisitions'] of each process; goal: at most 4 per task)",
+        f"Arena-lock acquisitions, workload (a) with memshare.Pool, one call of {tasks} "
+        "tasks (ms.stats()['lock_acquisitions'] of each process; goal: at most 4 per task)",
         ["who", "acquisitions", "per task"],
         rows,
     )

@@ -1,14 +1,15 @@
 """Releases put off to the next transaction (crates/memshare/src/arena/
 releases.rs): when a process drops its last reference to a block that
-others may hold too, it clears its holder bit at its next arena call, at the
-caches' flush or at its decay thread's next tick, instead of taking the lock
-at once. The block stays alive and unused meanwhile, a forked child does not
-inherit it, an idle process lets it go by itself, and a killed one leaves
-nothing."""
+others may hold too (one it sent, or a received one up to 16 MiB), it clears
+its holder bit at its next arena call, at the caches' flush or at its decay
+thread's next tick, instead of taking the lock at once. The block stays
+alive and unused meanwhile, a forked child does not inherit it, an idle
+process lets it go by itself, and a killed one leaves nothing."""
 
 from __future__ import annotations
 
 import gc
+import multiprocessing as mp
 import os
 import signal
 import time
@@ -143,6 +144,42 @@ def test_a_process_killed_with_releases_put_off_leaves_nothing(ctx):
     ), s
 
 
+def _drop_received(dropped: bytes, kept: bytes, conn) -> None:
+    a, b = ms.loads(dropped), ms.loads(kept)  # b keeps the arena attached
+    size = a.nbytes
+    del a
+    conn.send((size, _native.held_back_bytes()))
+    conn.poll(T)
+    del b
+
+
+@pytest.mark.parametrize("mib", [1, 32])
+def test_a_large_received_block_is_released_at_once(mib):
+    """A receiver is most often the last holder: a large block it drops is
+    freed at once (the next large allocation may need it), a small one at
+    its next call."""
+    spawn = mp.get_context("spawn")
+    a, b = ms.zeros((mib << 20) // 8), ms.zeros(8)
+    here, there = spawn.Pipe()
+    p = spawn.Process(target=_drop_received, args=(ms.dumps(a), ms.dumps(b), there))
+    p.start()
+    try:
+        assert here.poll(T)
+        size, held_back = here.recv()
+        here.send("done")
+    finally:
+        p.join(T)
+        if p.is_alive():
+            p.kill()
+            p.join(T)
+    assert size == mib << 20
+    if mib == 1:
+        assert held_back >= size, "a small received block's release is put off"
+    else:
+        assert held_back < size, "a large received block is released at once"
+    del a, b
+
+
 def _open_and_check(message: bytes, out) -> None:
     out.put(float(ms.loads(message).sum()))
 
@@ -151,8 +188,6 @@ def _open_and_check(message: bytes, out) -> None:
 def test_a_forked_child_does_not_inherit_a_release_put_off():
     """The fork's preparation applies the parent's put-off releases, so the
     child does not hold the block and its exit frees it."""
-    import multiprocessing as mp
-
     fork = mp.get_context("fork")
     base = ms.stats()
     a = ms.full(N, 3.0)

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::block::Block;
 use super::cache::{BlockCache, CachedBlock};
 use super::fork::ForkReservation;
-use super::releases::{PendingRelease, PendingReleases};
+use super::releases::{self, PendingRelease, PendingReleases};
 use super::Arena;
 use crate::error::Error;
 use crate::layout::BlockRef;
@@ -28,6 +28,8 @@ pub(super) struct LocalRef {
     /// Allocated here and held by this process alone ever since (no handle
     /// made of it, no child forked): freed into the cache (see `cache`).
     pub(super) private: bool,
+    /// This process made a handle of it (sent it, or is about to).
+    pub(super) sent: bool,
 }
 
 impl Drop for LocalRef {
@@ -108,6 +110,16 @@ impl Local {
         if let Some(addr) = self.by_ref.get(&r).copied() {
             if let Some(e) = self.refs.get_mut(&addr) {
                 e.private = false;
+            }
+        }
+    }
+
+    /// This process made a handle of block `r` (see [`LocalRef::sent`]).
+    pub(super) fn sent(&mut self, r: BlockRef) {
+        if let Some(addr) = self.by_ref.get(&r).copied() {
+            if let Some(e) = self.refs.get_mut(&addr) {
+                e.private = false;
+                e.sent = true;
             }
         }
     }
@@ -198,17 +210,20 @@ impl Arena {
             readonly: e.readonly,
             cached_ns: sys::monotonic_ns(),
         };
-        let private = e.private && local.fork.is_none();
+        let (private, sent) = (e.private, e.sent);
+        let private = private && local.fork.is_none();
         local.refs.remove(&addr);
         local.by_ref.remove(&bref);
         if !local.usable() {
             return;
         }
         // Held by this process alone: kept for the next allocation, no lock.
-        // Held by others too: released at this process's next transaction.
+        // Held by others too: released at this process's next transaction
+        // (see `releases` for which).
         let to_free = if private {
             local.cache.put(cached)
         } else if local.fork.is_none()
+            && releases::worth_putting_off(sent, cached.size)
             && local.releases.put(PendingRelease {
                 bref,
                 generation,

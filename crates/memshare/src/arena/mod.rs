@@ -360,6 +360,7 @@ impl Arena {
                 readonly,
                 prefault: None,
                 private,
+                sent: false,
             },
         );
         local.by_ref.insert(r, ptr as usize);
@@ -410,6 +411,7 @@ impl Arena {
             readonly: flags & BLOCK_READONLY != 0,
             prefault: seg.and_then(|m| prefault::populate_soon(m, ptr as usize, h.len as usize)),
             private: false,
+            sent: false,
         });
         entry.count += 1;
         local.by_ref.insert(r, ptr as usize);

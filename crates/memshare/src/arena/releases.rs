@@ -1,12 +1,11 @@
 //! Releases put off to this process's next transaction. When this process
-//! drops its last reference to a block that others may hold too (one it
-//! received, or one it made a handle of), clearing its holder bit needs the
-//! arena's lock. Instead the release waits, in this list, for whichever of
-//! these comes first:
+//! drops its last reference to a block that others may hold too, clearing
+//! its holder bit needs the arena's lock. For the blocks of
+//! [`worth_putting_off`] the release waits instead, in this list, for
+//! whichever of these comes first:
 //! - this process's next transaction, which applies the list before doing
 //!   anything else (so a pool worker's "allocate a result, send it, drop it"
-//!   costs the lock of the next allocation only, and the parent's "open a
-//!   result, drop it" that of the next open);
+//!   costs the lock of its next allocation only);
 //! - the caches' flush (a pool worker about to wait for work, `fork`, leaving);
 //! - the decay thread's next tick (about a second).
 //!
@@ -22,6 +21,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::cache::MAX_BLOCKS;
 use super::txn::Txn;
 use crate::layout::BlockRef;
+
+/// Received blocks larger than this are released at once.
+pub(super) const RECEIVED_MAX: u64 = 16 << 20;
+
+/// Whether to put off the release of a block of `size` bytes: always for one
+/// this process made a handle of (`sent`: its receiver most often still holds
+/// it, so the release frees nothing yet), and for a received one only up to
+/// [`RECEIVED_MAX`]. A receiver is most often the last holder, so putting its
+/// release off puts off the free: a large allocation elsewhere meanwhile
+/// finds no room and grows the arena, and fresh pages cost far more than the
+/// lock saved (workload (a), 200 MB results: 7% slower, one result more in
+/// the arena). A small block late costs little; its lock is the same.
+pub(super) fn worth_putting_off(sent: bool, size: u64) -> bool {
+    sent || size <= RECEIVED_MAX
+}
 
 /// Bytes of the blocks whose release this process has put off (every arena).
 pub fn pending_release_bytes() -> u64 {
@@ -132,6 +146,13 @@ mod tests {
         assert!(pending_release_bytes() >= 64 * MAX_BLOCKS as u64);
         assert_eq!(p.drain().len(), MAX_BLOCKS);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn sent_blocks_and_small_received_ones_are_worth_putting_off() {
+        assert!(worth_putting_off(true, 1 << 30));
+        assert!(worth_putting_off(false, RECEIVED_MAX));
+        assert!(!worth_putting_off(false, RECEIVED_MAX + 1));
     }
 
     #[test]
