@@ -33,6 +33,39 @@ pub fn cached_bytes() -> u64 {
 
 static CACHED: AtomicU64 = AtomicU64::new(0);
 
+/// The byte count of one of this process's lists of blocks, kept in a
+/// process-wide total too (which a worker reads with one atomic load before
+/// it waits). Dropping it takes its bytes out of the total.
+pub(super) struct CountedBytes {
+    bytes: u64,
+    total: &'static AtomicU64,
+}
+
+impl CountedBytes {
+    pub(super) const fn new(total: &'static AtomicU64) -> CountedBytes {
+        CountedBytes { bytes: 0, total }
+    }
+
+    pub(super) fn get(&self) -> u64 {
+        self.bytes
+    }
+
+    pub(super) fn set(&mut self, bytes: u64) {
+        if bytes >= self.bytes {
+            self.total.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            self.total.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for CountedBytes {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
 /// Gives the caches of free blocks of this process (every arena it is
 /// attached to) back to the shared heaps now: for a process about to idle
 /// that must not hold memory meanwhile (a pool worker waiting for work, a
@@ -73,12 +106,21 @@ pub(super) struct CachedBlock {
     pub(super) cached_ns: u64,
 }
 
-#[derive(Default)]
 pub(super) struct BlockCache {
     blocks: Vec<CachedBlock>,
-    bytes: u64,
+    bytes: CountedBytes,
     /// At most this many bytes (0: caching off); set on attach.
     pub(super) cap: u64,
+}
+
+impl Default for BlockCache {
+    fn default() -> BlockCache {
+        BlockCache {
+            blocks: Vec::new(),
+            bytes: CountedBytes::new(&CACHED),
+            cap: 0,
+        }
+    }
 }
 
 /// The cache bound of a process: [`MAX_BYTES`], at most 1/32 of the arena's
@@ -86,12 +128,6 @@ pub(super) struct BlockCache {
 /// never keep a small `/dev/shm` from the others.
 pub(super) fn cap_bytes(limit: u64, dir_bytes: u64) -> u64 {
     MAX_BYTES.min(limit / 32).min(dir_bytes / 32)
-}
-
-impl Drop for BlockCache {
-    fn drop(&mut self) {
-        self.set_bytes(0);
-    }
 }
 
 impl BlockCache {
@@ -107,7 +143,7 @@ impl BlockCache {
             .filter(|&i| fits(&self.blocks[i]))
             .min_by_key(|&i| self.blocks[i].size)?;
         let c = self.blocks.swap_remove(i);
-        self.set_bytes(self.bytes - c.size);
+        self.bytes.set(self.bytes.get() - c.size);
         Some(c)
     }
 
@@ -120,23 +156,23 @@ impl BlockCache {
         }
         let mut out = Vec::new();
         while !self.blocks.is_empty()
-            && (self.blocks.len() >= MAX_BLOCKS || self.bytes + c.size > self.cap)
+            && (self.blocks.len() >= MAX_BLOCKS || self.bytes.get() + c.size > self.cap)
         {
             let oldest = (0..self.blocks.len())
                 .min_by_key(|&i| self.blocks[i].cached_ns)
                 .expect("the cache is not empty");
             let e = self.blocks.swap_remove(oldest);
-            self.set_bytes(self.bytes - e.size);
+            self.bytes.set(self.bytes.get() - e.size);
             out.push(e);
         }
-        self.set_bytes(self.bytes + c.size);
+        self.bytes.set(self.bytes.get() + c.size);
         self.blocks.push(c);
         out
     }
 
     /// Empties the cache (the caller frees what it returns).
     pub(super) fn drain(&mut self) -> Vec<CachedBlock> {
-        self.set_bytes(0);
+        self.bytes.set(0);
         std::mem::take(&mut self.blocks)
     }
 
@@ -145,18 +181,8 @@ impl BlockCache {
         let (old, keep): (Vec<_>, Vec<_>) =
             self.blocks.drain(..).partition(|c| c.cached_ns < cutoff_ns);
         self.blocks = keep;
-        self.set_bytes(self.blocks.iter().map(|c| c.size).sum());
+        self.bytes.set(self.blocks.iter().map(|c| c.size).sum());
         old
-    }
-
-    /// Sets this cache's byte count, keeping the process total ([`cached_bytes`]).
-    fn set_bytes(&mut self, bytes: u64) {
-        if bytes >= self.bytes {
-            CACHED.fetch_add(bytes - self.bytes, Ordering::Relaxed);
-        } else {
-            CACHED.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
-        }
-        self.bytes = bytes;
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -164,7 +190,7 @@ impl BlockCache {
     }
 
     pub(super) fn bytes(&self) -> u64 {
-        self.bytes
+        self.bytes.get()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -211,8 +237,10 @@ mod tests {
 
     #[test]
     fn takes_the_smallest_fit_and_never_wastes_more_than_a_quarter() {
-        let mut c = BlockCache::default();
-        c.cap = 1 << 30;
+        let mut c = BlockCache {
+            cap: 1 << 30,
+            ..Default::default()
+        };
         assert!(c.put(block(1, 4096, 1)).is_empty());
         assert!(c.put(block(2, 8192, 2)).is_empty());
         assert!(c.take(4096, true).is_none(), "flags must match");
@@ -224,16 +252,20 @@ mod tests {
 
     #[test]
     fn stays_within_its_bounds_evicting_the_oldest() {
-        let mut c = BlockCache::default();
-        c.cap = 10_000;
+        let mut c = BlockCache {
+            cap: 10_000,
+            ..Default::default()
+        };
         assert_eq!(c.put(block(1, 20_000, 1)).len(), 1, "larger than the cap");
         assert!(c.put(block(2, 6000, 2)).is_empty());
         let out = c.put(block(3, 6000, 3));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].generation, 2, "the oldest goes");
         assert_eq!(c.bytes(), 6000);
-        let mut c = BlockCache::default();
-        c.cap = 1 << 30;
+        let mut c = BlockCache {
+            cap: 1 << 30,
+            ..Default::default()
+        };
         let evicted: usize = (0..40).map(|i| c.put(block(i, 64, i)).len()).sum();
         assert_eq!(evicted, 40 - MAX_BLOCKS);
         assert_eq!(c.drain_older_than(30).len(), MAX_BLOCKS - 10);

@@ -18,7 +18,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::cache::MAX_BLOCKS;
+use super::cache::{CountedBytes, MAX_BLOCKS};
 use super::txn::Txn;
 use crate::layout::BlockRef;
 
@@ -59,49 +59,42 @@ pub(super) struct PendingRelease {
     pub(super) size: u64,
 }
 
-#[derive(Default)]
 pub(super) struct PendingReleases {
     blocks: Vec<PendingRelease>,
-    bytes: u64,
+    bytes: CountedBytes,
     /// At most this many bytes (0: releases are never put off); set on attach.
     pub(super) cap: u64,
 }
 
-impl Drop for PendingReleases {
-    fn drop(&mut self) {
-        self.set_bytes(0);
+impl Default for PendingReleases {
+    fn default() -> PendingReleases {
+        PendingReleases {
+            blocks: Vec::new(),
+            bytes: CountedBytes::new(&PENDING),
+            cap: 0,
+        }
     }
 }
 
 impl PendingReleases {
     /// Puts off the release of `r`; false if it does not fit (release it now).
     pub(super) fn put(&mut self, r: PendingRelease) -> bool {
-        if self.blocks.len() >= MAX_BLOCKS || self.bytes.saturating_add(r.size) > self.cap {
+        if self.blocks.len() >= MAX_BLOCKS || self.bytes.get().saturating_add(r.size) > self.cap {
             return false;
         }
-        self.set_bytes(self.bytes + r.size);
+        self.bytes.set(self.bytes.get() + r.size);
         self.blocks.push(r);
         true
     }
 
     /// Empties the list (the caller releases what it returns, or forgets it).
     pub(super) fn drain(&mut self) -> Vec<PendingRelease> {
-        self.set_bytes(0);
+        self.bytes.set(0);
         std::mem::take(&mut self.blocks)
     }
 
     pub(super) fn is_empty(&self) -> bool {
         self.blocks.is_empty()
-    }
-
-    /// Sets this list's byte count, keeping the process total.
-    fn set_bytes(&mut self, bytes: u64) {
-        if bytes >= self.bytes {
-            PENDING.fetch_add(bytes - self.bytes, Ordering::Relaxed);
-        } else {
-            PENDING.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
-        }
-        self.bytes = bytes;
     }
 }
 
@@ -134,8 +127,10 @@ mod tests {
 
     #[test]
     fn stays_within_its_bounds() {
-        let mut p = PendingReleases::default();
-        p.cap = 10_000;
+        let mut p = PendingReleases {
+            cap: 10_000,
+            ..Default::default()
+        };
         assert!(!p.put(pending(1, 20_000)), "larger than the cap");
         assert!(p.put(pending(2, 6000)));
         assert!(!p.put(pending(3, 6000)), "over the cap with the first");
