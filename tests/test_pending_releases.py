@@ -169,10 +169,7 @@ def test_a_large_received_block_is_released_at_once(mib):
         size, held_back = here.recv()
         here.send("done")
     finally:
-        p.join(T)
-        if p.is_alive():
-            p.kill()
-            p.join(T)
+        _end(p)
     assert size == mib << 20
     if mib == 1:
         assert held_back >= size, "a small received block's release is put off"
@@ -201,10 +198,7 @@ def test_a_forked_child_does_not_inherit_a_release_put_off():
     try:
         assert out.get(timeout=T) == 3.0 * N
     finally:
-        p.join(T)
-        if p.is_alive():
-            p.kill()
-            p.join(T)
+        _end(p)
     assert p.exitcode == 0
     s = ms.stats()
     assert (s["live_blocks"], s["pins"]) == (base["live_blocks"], base["pins"]), s

@@ -1192,7 +1192,9 @@ fn wait<M: SlotMem, T>(
     // (pos, word) of a foreign claimed slot in the way, first seen when,
     // owner last checked when.
     let mut stuck: Option<(u64, u64, Instant, Instant)> = None;
-    let look_until = m.now() + m.look_for();
+    // Until when to keep looking: set at the first miss, so that a call
+    // that finds its slot at once reads no clock for it.
+    let mut look_until: Option<Instant> = None;
     loop {
         let blocker = match attempt() {
             Attempt::Done(r) => return r,
@@ -1206,13 +1208,12 @@ fn wait<M: SlotMem, T>(
         if remaining(deadline, now) == Some(Duration::ZERO) {
             return Err(timeout_err());
         }
-        if now < look_until {
+        if now < *look_until.get_or_insert_with(|| now + m.look_for()) {
             std::thread::yield_now();
             continue;
         }
         let mut slice = IDLE_SLICE;
         if let Some((pos, w)) = blocker {
-            let now = m.now();
             match stuck {
                 Some((p, sw, since, checked)) if p == pos && sw == w => {
                     if now.duration_since(since) >= STUCK_AFTER

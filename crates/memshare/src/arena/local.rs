@@ -105,22 +105,24 @@ impl Local {
         !self.detached && self.pid == sys::pid()
     }
 
+    /// This process's reference to block `r`, if it has one.
+    fn ref_of(&mut self, r: BlockRef) -> Option<&mut LocalRef> {
+        let addr = self.by_ref.get(&r)?;
+        self.refs.get_mut(addr)
+    }
+
     /// Block `r` is no longer this process's alone (see [`LocalRef::private`]).
     pub(super) fn not_private(&mut self, r: BlockRef) {
-        if let Some(addr) = self.by_ref.get(&r).copied() {
-            if let Some(e) = self.refs.get_mut(&addr) {
-                e.private = false;
-            }
+        if let Some(e) = self.ref_of(r) {
+            e.private = false;
         }
     }
 
     /// This process made a handle of block `r` (see [`LocalRef::sent`]).
     pub(super) fn sent(&mut self, r: BlockRef) {
-        if let Some(addr) = self.by_ref.get(&r).copied() {
-            if let Some(e) = self.refs.get_mut(&addr) {
-                e.private = false;
-                e.sent = true;
-            }
+        if let Some(e) = self.ref_of(r) {
+            e.private = false;
+            e.sent = true;
         }
     }
 
@@ -194,6 +196,7 @@ impl Arena {
     pub(super) fn release(&self, ptr: *mut u8) {
         let mut local = lock_local(&self.inner.local);
         let addr = ptr as usize;
+        let forking = local.fork.is_some();
         let Some(e) = local.refs.get_mut(&addr) else {
             return;
         };
@@ -210,8 +213,7 @@ impl Arena {
             readonly: e.readonly,
             cached_ns: sys::monotonic_ns(),
         };
-        let (private, sent) = (e.private, e.sent);
-        let private = private && local.fork.is_none();
+        let (private, sent) = (e.private && !forking, e.sent);
         local.refs.remove(&addr);
         local.by_ref.remove(&bref);
         if !local.usable() {
@@ -222,7 +224,7 @@ impl Arena {
         // (see `releases` for which).
         let to_free = if private {
             local.cache.put(cached)
-        } else if local.fork.is_none()
+        } else if !forking
             && releases::worth_putting_off(sent, cached.size)
             && local.releases.put(PendingRelease {
                 bref,
