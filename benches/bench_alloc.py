@@ -88,31 +88,30 @@ Built:
    between consecutive tasks (they let go before they wait for work). The
    frame of workload (a) costs no lock per task in the steady state.
 
-3. **Releases put off to the next transaction** (`arena/releases.rs`). A
-   process that drops its last reference to a block others may hold (one it
-   sent, or a received one up to 16 MiB) clears its holder bit first thing
-   in its next transaction instead of taking the lock for it; at the latest
-   the caches' flush or the decay thread's next tick (about a second) does.
-   Bounded like the cache. A pool worker's "allocate, send, drop" costs two
-   acquisitions per task, a queue consumer's "get, drop" one. Larger
-   received blocks are freed at once: putting off the receiver's release
-   (most often the last) of workload (a)'s 200 MB results brought it to 4.0
-   per task but made it 7% slower, as the workers' next results found no
-   free block and grew the arena.
+3. **Releases put off, marked in shared memory** (`arena/releases.rs`). A
+   process that drops its last reference to a block others may hold marks
+   the release in its own process slot (atomic stores, no lock) instead of
+   taking the lock to clear its holder bit. Its next transaction carries
+   its marks out first thing; an allocation of any process that finds no
+   free block carries out everyone's before it grows the arena; at the
+   latest the caches' flush or the decay thread's next tick (about a
+   second) does. Bounded like the cache. A pool worker's "allocate, send,
+   drop" costs two acquisitions per task, the parent's "open, sum, drop"
+   one, a queue consumer's "get, drop" one. (Without the shared marks,
+   putting off the parent's release of workload (a)'s 200 MB results made
+   it 7% slower: the workers' next results found no free block and grew
+   the arena.)
 4. **A queue `get` that looks at the lock instead of taking it** to check
    that it is free before it claims a message with arrays (one atomic load
    of the mutex's futex word; a held lock is waited for as before).
 
 Workload (a) went from 16.4 acquisitions per task to the figure in the Pool
-table: each further task costs 4 (the worker allocates its result and pins
-it; the parent opens it and frees it), and each call about 25 more (the
-frame's three arrays shared, pinned and opened by each worker). The
-camera/matcher program costs about 3 per frame sent (the camera allocates
-and puts; the matcher opens; frames dropped for a full queue add theirs).
-What stands between workload (a) and 3 per task is the parent's free of a
-large result: marks of put-off releases in shared memory (a per-slot bit an
-allocation that would grow the arena may clear on the owner's behalf) would
-let it wait without keeping the memory from the next result.
+table: each further task costs 3 (the worker allocates its result and pins
+it; the parent opens it, which carries out its release of the last one), and
+each call some 20 more (the frame's arrays shared, pinned and opened by each
+worker). The camera/matcher program costs about 3 per frame sent (the camera
+allocates and puts; the matcher opens; frames dropped for a full queue add
+theirs).
 
 Not built, and the next steps past 2 cores:
 

@@ -1,10 +1,11 @@
-"""Releases put off to the next transaction (crates/memshare/src/arena/
-releases.rs): when a process drops its last reference to a block that
-others may hold too (one it sent, or a received one up to 16 MiB), it clears
-its holder bit at its next arena call, at the caches' flush or at its decay
-thread's next tick, instead of taking the lock at once. The block stays
-alive and unused meanwhile, a forked child does not inherit it, an idle
-process lets it go by itself, and a killed one leaves nothing."""
+"""Releases put off (crates/memshare/src/arena/releases.rs): when a process
+drops its last reference to a block that others may hold too, it marks the
+release in its slot and clears its holder bit at its next arena call, at the
+caches' flush or at its decay thread's next tick, instead of taking the lock
+at once; an allocation of any process that needs the room carries out
+everyone's marks first. The block stays alive and unused meanwhile, a forked
+child does not inherit it, an idle process lets it go by itself, a stopped
+one does not keep it from others, and a killed one leaves nothing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -145,37 +147,95 @@ def test_a_process_killed_with_releases_put_off_leaves_nothing(ctx):
     ), s
 
 
-def _drop_received(dropped: bytes, kept: bytes, conn) -> None:
-    a, b = ms.loads(dropped), ms.loads(kept)  # b keeps the arena attached
+def _drop_received(conn, stop: bool) -> None:
+    """Opens two arrays sent through ``conn`` (after this process started, so
+    a fork child does not inherit them), drops the first and reports; keeps
+    the second (it keeps the arena attached) until told to end."""
+    dropped, kept = conn.recv()
+    a, b = ms.loads(dropped), ms.loads(kept)
     size = a.nbytes
     del a
     conn.send((size, _native.held_back_bytes()))
+    if stop:
+        os.kill(os.getpid(), signal.SIGSTOP)  # no call of its own from here
     conn.poll(T)
     del b
 
 
-@pytest.mark.parametrize("mib", [1, 32])
-def test_a_large_received_block_is_released_at_once(mib):
-    """A receiver is most often the last holder: a large block it drops is
-    freed at once (the next large allocation may need it), a small one at
-    its next call."""
-    spawn = mp.get_context("spawn")
-    a, b = ms.zeros((mib << 20) // 8), ms.zeros(8)
-    here, there = spawn.Pipe()
-    p = spawn.Process(target=_drop_received, args=(ms.dumps(a), ms.dumps(b), there))
+def _start_dropper(ctx, stop: bool):
+    here, there = ctx.Pipe()
+    p = ctx.Process(target=_drop_received, args=(there, stop), daemon=True)
     p.start()
+    there.close()
+    return p, here
+
+
+def _stopped(pid: int) -> bool:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0] == "T"
+
+
+@pytest.mark.parametrize("mib", [1, 32])
+def test_a_received_block_is_put_off_whatever_its_size(mib):
+    """Large blocks too: an allocation that needs the room takes it back
+    (next test), so a receiver's put-off release keeps nothing from anyone."""
+    p, conn = _start_dropper(mp.get_context("spawn"), stop=False)
+    a, kept = ms.zeros((mib << 20) // 8), ms.zeros(8)
     try:
-        assert here.poll(T)
-        size, held_back = here.recv()
-        here.send("done")
+        conn.send((ms.dumps(a), ms.dumps(kept)))
+        assert conn.poll(T)
+        size, held_back = conn.recv()
+        conn.send("done")
     finally:
         _end(p)
     assert size == mib << 20
-    if mib == 1:
-        assert held_back >= size, "a small received block's release is put off"
-    else:
-        assert held_back < size, "a large received block is released at once"
-    del a, b
+    assert held_back >= size, "the receiver's release is put off"
+    del a, kept
+
+
+@pytest.mark.parametrize("room", ["limit", "arena"])
+def test_an_allocation_takes_back_what_a_stopped_process_put_off(ctx, room):
+    """A receiver drops the last reference to a block and stops before its
+    next call. Another process's allocation that only fits in that block's
+    room (under the limit, or without growing the arena) carries out the
+    stopped one's release itself."""
+    size = (32 if room == "limit" else 88) << 20  # 88: no other free block that large
+    base = ms.stats()
+    p, conn = _start_dropper(ctx, stop=True)
+    a, kept = ms.full(size // 8, 7.0), ms.zeros(8)
+    try:
+        conn.send((ms.dumps(a), ms.dumps(kept)))
+        assert conn.poll(T)
+        dropped, held_back = conn.recv()
+        assert dropped == size and held_back >= size, "the receiver's release is put off"
+        deadline = time.monotonic() + T
+        while not _stopped(p.pid):
+            assert time.monotonic() < deadline, "the receiver did not stop"
+            time.sleep(0.01)
+        del a  # the stopped receiver is its last holder now
+        assert ms.stats()["live_blocks"] == base["live_blocks"] + 2
+        if room == "limit":
+            ms.set_limit(ms.stats()["bytes_in_use"] + size // 2)
+        reserved = ms.stats()["bytes_reserved"]
+        try:
+            # Fits only once the dropped block is freed (MemoryError otherwise).
+            b = ms.full(size // 8, 1.0)
+            s = ms.stats()
+            assert s["live_blocks"] == base["live_blocks"] + 2, "dropped one freed"
+            assert s["bytes_reserved"] == reserved, "the arena did not grow"
+            assert p.is_alive() and _stopped(p.pid), "freed while its holder was stopped"
+            assert (b == 1.0).all()
+            del b
+        finally:
+            ms.set_limit(None)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+        conn.send("done")
+        _end(p)
+    assert p.exitcode == 0
+    del kept
+    s = ms.stats()
+    assert (s["live_blocks"], s["pins"]) == (base["live_blocks"], base["pins"]), s
 
 
 def _open_and_check(message: bytes, out) -> None:

@@ -21,7 +21,7 @@ use crate::sys::MUTEX_BYTES;
 pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"MSHRCTL\0");
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"MSHRSEG\0");
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"MSBK");
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Payloads are aligned to a cache line (and to every numpy dtype).
 pub const ALIGN: u64 = 64;
@@ -85,6 +85,15 @@ pub const LEASE_LIVE: u32 = 1;
 pub struct BlockRef(u64);
 
 impl BlockRef {
+    /// The reference stored as `raw` (see [`BlockRef::raw`]).
+    pub fn from_raw(raw: u64) -> BlockRef {
+        BlockRef(raw)
+    }
+
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
     /// No block / end of a list.
     pub const NIL: BlockRef = BlockRef(u64::MAX);
 
@@ -149,6 +158,25 @@ pub struct SegmentEntry {
     pub holders: [SegHolder; SEG_HOLDERS],
 }
 
+/// Releases one process may have put off at a time (see [`PutOffRelease`]).
+pub const PUT_OFF_RELEASES: usize = 16;
+
+/// A release its process put off: its holder bit on `block` (of generation
+/// `generation`) is still set, though it holds no reference any more. Only
+/// the slot's process fills a mark, without the lock (`block` first, then a
+/// non-zero `generation` with release ordering); whoever holds the lock may
+/// carry it out (clear the bit, free the block if it was the last) and then
+/// empties it (`generation` 0). So an allocation that would grow the arena
+/// can first take back what others let go of, even from a process that is
+/// stopped or busy.
+#[repr(C)]
+pub struct PutOffRelease {
+    /// 0: the mark is empty. Generations start at 1.
+    pub generation: std::sync::atomic::AtomicU64,
+    /// A `BlockRef`, as its `u64`.
+    pub block: std::sync::atomic::AtomicU64,
+}
+
 #[repr(C)]
 pub struct ProcSlot {
     pub state: u32,
@@ -161,6 +189,16 @@ pub struct ProcSlot {
     /// Head of the list of pins this process owns.
     pub pin_head: u32,
     pub _reserved: u32,
+    pub put_off: [PutOffRelease; PUT_OFF_RELEASES],
+}
+
+impl ProcSlot {
+    /// A new occupant, or the reaper of a dead one: no release is put off.
+    pub fn clear_put_off(&self) {
+        for m in &self.put_off {
+            m.generation.store(0, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 /// One pin. Every pin is on exactly one list: its owner's (a process
@@ -337,5 +375,5 @@ mod tests {
         assert_eq!(payload_size(65), 128);
     }
 
-    const _: () = assert!(CTL_SIZE < 4 << 20, "the control segment must stay small");
+    const _: () = assert!(CTL_SIZE < 5 << 20, "the control segment must stay small");
 }

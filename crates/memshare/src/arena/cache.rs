@@ -77,7 +77,14 @@ pub fn flush_caches() -> Result<()> {
     }
     for arena in Arena::all_attached() {
         let mut local = lock_local(&arena.inner.local);
-        if !local.usable() || (local.cache.is_empty() && local.releases.is_empty()) {
+        if !local.usable() {
+            continue;
+        }
+        let slot = local.slot;
+        local
+            .releases
+            .forget_carried_out(arena.inner.put_off_marks(slot));
+        if local.cache.is_empty() && local.releases.is_empty() {
             continue;
         }
         // The transaction carries out the put-off releases as it starts.

@@ -270,8 +270,10 @@ impl Txn<'_> {
         // rounding to whole pages: a block keeps a remainder too small to split).
         let limit = self.ctl.limit.saturating_add(headroom(self.ctl.limit));
         if size <= (1 << 47) && self.ctl.bytes_in_use.saturating_add(size) > limit {
-            // This process's cache counts as in use: give it back first.
+            // This process's cache counts as in use, and so do the blocks
+            // whose release any process put off: take them back first.
             self.flush_cache()?;
+            self.carry_out_put_off_releases()?;
         }
         if size > (1 << 47) || self.ctl.bytes_in_use.saturating_add(size) > limit {
             return Err(self.oom(len));
@@ -282,9 +284,10 @@ impl Txn<'_> {
         let r = match self.take_free(size)? {
             Some(r) => r,
             None => {
-                // Under pressure: this process's cache, and what dead
-                // processes hold, go back before the arena grows.
-                if self.flush_cache()? | self.reap()? {
+                // Under pressure: this process's cache, the releases any
+                // process put off, and what dead processes hold, go back
+                // before the arena grows.
+                if self.flush_cache()? | self.carry_out_put_off_releases()? | self.reap()? {
                     if let Some(r) = self.take_free(size)? {
                         return self.mark_live(r, len, flags);
                     }

@@ -25,14 +25,26 @@ impl Txn<'_> {
 
     /// Drops this process's shared reference to a block; frees it if it was the last.
     pub(super) fn drop_holder(&mut self, r: BlockRef, generation: u64) -> Result<()> {
+        // A child about to be forked holds what this process holds.
+        let child = self.local.fork.as_ref().map(|f| f.slot);
+        self.drop_holder_of(r, generation, self.local.slot, child)
+    }
+
+    /// Drops the shared reference of process slot `slot` (and of `child`, a
+    /// child of it about to be forked) to a block; frees it if it was the last.
+    pub(super) fn drop_holder_of(
+        &mut self,
+        r: BlockRef,
+        generation: u64,
+        slot: u32,
+        child: Option<u32>,
+    ) -> Result<()> {
         let h = self.hdr(r)?;
         if h.state != BLOCK_LIVE || h.generation != generation {
             return Ok(());
         }
-        let slot = self.local.slot;
         self.set_holder(r, slot, false)?;
-        // A child about to be forked holds what this process holds.
-        if let Some(child) = self.local.fork.as_ref().map(|f| f.slot) {
+        if let Some(child) = child {
             self.set_holder(r, child, false)?;
         }
         if self.unreferenced(r)? {

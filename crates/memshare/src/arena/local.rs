@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::block::Block;
 use super::cache::{BlockCache, CachedBlock};
 use super::fork::ForkReservation;
-use super::releases::{self, PendingRelease, PendingReleases};
+use super::releases::{PendingRelease, PendingReleases};
 use super::Arena;
 use crate::error::Error;
 use crate::layout::BlockRef;
@@ -28,8 +28,6 @@ pub(super) struct LocalRef {
     /// Allocated here and held by this process alone ever since (no handle
     /// made of it, no child forked): freed into the cache (see `cache`).
     pub(super) private: bool,
-    /// This process made a handle of it (sent it, or is about to).
-    pub(super) sent: bool,
 }
 
 impl Drop for LocalRef {
@@ -115,14 +113,6 @@ impl Local {
     pub(super) fn not_private(&mut self, r: BlockRef) {
         if let Some(e) = self.ref_of(r) {
             e.private = false;
-        }
-    }
-
-    /// This process made a handle of block `r` (see [`LocalRef::sent`]).
-    pub(super) fn sent(&mut self, r: BlockRef) {
-        if let Some(e) = self.ref_of(r) {
-            e.private = false;
-            e.sent = true;
         }
     }
 
@@ -213,24 +203,27 @@ impl Arena {
             readonly: e.readonly,
             cached_ns: sys::monotonic_ns(),
         };
-        let (private, sent) = (e.private && !forking, e.sent);
+        let private = e.private && !forking;
+        let slot = local.slot;
         local.refs.remove(&addr);
         local.by_ref.remove(&bref);
         if !local.usable() {
             return;
         }
         // Held by this process alone: kept for the next allocation, no lock.
-        // Held by others too: released at this process's next transaction
-        // (see `releases` for which).
+        // Held by others too: released at this process's next transaction,
+        // or by whoever needs the room first (see `releases`).
         let to_free = if private {
             local.cache.put(cached)
         } else if !forking
-            && releases::worth_putting_off(sent, cached.size)
-            && local.releases.put(PendingRelease {
-                bref,
-                generation,
-                size: cached.size,
-            })
+            && local.releases.put(
+                self.inner.put_off_marks(slot),
+                PendingRelease {
+                    bref,
+                    generation,
+                    size: cached.size,
+                },
+            )
         {
             super::decay::ensure_thread(); // applies it within a tick at the latest
             return;

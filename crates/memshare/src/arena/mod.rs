@@ -140,14 +140,9 @@ impl Arena {
         mutex.init()?;
         // Slot 0 is ours, locked through our own open file description.
         let (slot, epoch) = (0, 1);
-        ctl.slots[slot as usize] = ProcSlot {
-            state: SLOT_ALIVE,
-            epoch,
-            pid: sys::pid(),
-            pins: 0,
-            pin_head: NO_PIN,
-            _reserved: 0,
-        };
+        let s = &mut ctl.slots[slot as usize];
+        (s.state, s.epoch, s.pid, s.pins, s.pin_head) = (SLOT_ALIVE, epoch, sys::pid(), 0, NO_PIN);
+        s.clear_put_off();
         if !sys::ofd_lock(&fd, slots::slot_lock_offset(slot), 1, false)? {
             return Err(Error::StaleHandle(
                 "the new arena is locked by another process".into(),
@@ -360,7 +355,6 @@ impl Arena {
                 readonly,
                 prefault: None,
                 private,
-                sent: false,
             },
         );
         local.by_ref.insert(r, ptr as usize);
@@ -411,7 +405,6 @@ impl Arena {
             readonly: flags & BLOCK_READONLY != 0,
             prefault: seg.and_then(|m| prefault::populate_soon(m, ptr as usize, h.len as usize)),
             private: false,
-            sent: false,
         });
         entry.count += 1;
         local.by_ref.insert(r, ptr as usize);

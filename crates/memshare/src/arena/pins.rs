@@ -365,7 +365,7 @@ impl Txn<'_> {
     ) -> Result<(u32, u32, u32)> {
         // A handle of it exists now: no longer this process's alone. An
         // owner block's free releases what it pins: never cached either.
-        self.local.sent(r);
+        self.local.not_private(r);
         if let PinOwner::Block { block, .. } = owner {
             self.local.not_private(block);
         }

@@ -1,41 +1,33 @@
-//! Releases put off to this process's next transaction. When this process
-//! drops its last reference to a block that others may hold too, clearing
-//! its holder bit needs the arena's lock. For the blocks of
-//! [`worth_putting_off`] the release waits instead, in this list, for
-//! whichever of these comes first:
-//! - this process's next transaction, which applies the list before doing
-//!   anything else (so a pool worker's "allocate a result, send it, drop it"
-//!   costs the lock of its next allocation only);
+//! Releases put off. When this process drops its last reference to a block
+//! that others may hold too, clearing its holder bit needs the arena's lock.
+//! Instead the release waits, marked in this process's slot (see
+//! [`PutOffRelease`]), for whichever of these comes first:
+//! - this process's next transaction, which carries out its marks before
+//!   doing anything else (so a pool worker's "allocate a result, send it,
+//!   drop it" costs the lock of its next allocation only, and the parent's
+//!   "open a result, sum it, drop it" the lock of its next open);
+//! - an allocation of any process that finds no free block and would grow
+//!   the arena (or fail): it carries out everyone's marks first, so memory
+//!   that one process let go of is never kept from another, even while the
+//!   first is busy or stopped;
 //! - the caches' flush (a pool worker about to wait for work, `fork`, leaving);
 //! - the decay thread's next tick (about a second).
 //!
 //! Meanwhile the block stays LIVE and held by this process, as if the
 //! reference were still alive: nothing reuses it early, and if the process
-//! dies the reaper clears its bit like any other. The list is bounded like
-//! the cache of free blocks ([`MAX_BLOCKS`] blocks, 1/32 of the arena's
-//! limit and of its directory), so it never keeps a small `/dev/shm` from
-//! the other processes: what does not fit is released at once.
+//! dies the reaper clears its bit like any other (and its marks). The list is
+//! bounded like the cache of free blocks ([`PUT_OFF_RELEASES`] blocks, 1/32 of
+//! the arena's limit and of its directory), so it never keeps a small
+//! `/dev/shm` from the processes that do not allocate through memshare: what
+//! does not fit is released at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::cache::{CountedBytes, MAX_BLOCKS};
+use super::cache::CountedBytes;
 use super::txn::Txn;
-use crate::layout::BlockRef;
-
-/// Received blocks larger than this are released at once.
-pub(super) const RECEIVED_MAX: u64 = 16 << 20;
-
-/// Whether to put off the release of a block of `size` bytes: always for one
-/// this process made a handle of (`sent`: its receiver most often still holds
-/// it, so the release frees nothing yet), and for a received one only up to
-/// [`RECEIVED_MAX`]. A receiver is most often the last holder, so putting its
-/// release off puts off the free: a large allocation elsewhere meanwhile
-/// finds no room and grows the arena, and fresh pages cost far more than the
-/// lock saved (workload (a), 200 MB results: 7% slower, one result more in
-/// the arena). A small block late costs little; its lock is the same.
-pub(super) fn worth_putting_off(sent: bool, size: u64) -> bool {
-    sent || size <= RECEIVED_MAX
-}
+use super::Inner;
+use crate::error::Result;
+use crate::layout::{BlockRef, PutOffRelease, MAX_PROCS, PUT_OFF_RELEASES, SLOT_ALIVE};
 
 /// Bytes of the blocks whose release this process has put off (every arena).
 pub fn pending_release_bytes() -> u64 {
@@ -46,8 +38,8 @@ static PENDING: AtomicU64 = AtomicU64::new(0);
 
 /// The bound of one process's list: 1/32 of the arena's limit and of its
 /// directory's size. Not capped further, unlike the cache: a put-off block
-/// is memory its receiver or sender holds anyway most of the time, and it
-/// waits for a second at most.
+/// is memory its receiver or sender holds anyway most of the time, and an
+/// allocation that needs it takes it back.
 pub(super) fn cap_bytes(limit: u64, dir_bytes: u64) -> u64 {
     (limit / 32).min(dir_bytes / 32)
 }
@@ -59,8 +51,25 @@ pub(super) struct PendingRelease {
     pub(super) size: u64,
 }
 
+/// A put-off release and the index of its mark in this process's slot.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Marked {
+    pub(super) release: PendingRelease,
+    pub(super) mark: usize,
+}
+
+impl Marked {
+    /// True while nobody has carried it out (its mark still names it).
+    fn pending(&self, marks: &[PutOffRelease]) -> bool {
+        marks[self.mark].generation.load(Ordering::Acquire) == self.release.generation
+    }
+}
+
+/// This process's put-off releases: what it marked in its slot. Another
+/// process may carry out a mark at any time under the lock; the list
+/// notices by the mark's generation ([`PendingReleases::forget_carried_out`]).
 pub(super) struct PendingReleases {
-    blocks: Vec<PendingRelease>,
+    blocks: Vec<Marked>,
     bytes: CountedBytes,
     /// At most this many bytes (0: releases are never put off); set on attach.
     pub(super) cap: u64,
@@ -77,24 +86,65 @@ impl Default for PendingReleases {
 }
 
 impl PendingReleases {
-    /// Puts off the release of `r`; false if it does not fit (release it now).
-    pub(super) fn put(&mut self, r: PendingRelease) -> bool {
-        if self.blocks.len() >= MAX_BLOCKS || self.bytes.get().saturating_add(r.size) > self.cap {
+    /// Puts off the release of `r`, marking it in `marks` (this process's
+    /// slot's); false if it does not fit (release it now).
+    pub(super) fn put(&mut self, marks: &[PutOffRelease], r: PendingRelease) -> bool {
+        self.forget_carried_out(marks);
+        if self.blocks.len() >= PUT_OFF_RELEASES
+            || self.bytes.get().saturating_add(r.size) > self.cap
+        {
             return false;
         }
+        // Only this process fills its marks; an empty one stays empty until then.
+        let Some(mark) = marks
+            .iter()
+            .position(|m| m.generation.load(Ordering::Acquire) == 0)
+        else {
+            return false;
+        };
+        marks[mark].block.store(r.bref.raw(), Ordering::Relaxed);
+        marks[mark]
+            .generation
+            .store(r.generation, Ordering::Release);
         self.bytes.set(self.bytes.get() + r.size);
-        self.blocks.push(r);
+        self.blocks.push(Marked { release: r, mark });
         true
     }
 
-    /// Empties the list (the caller releases what it returns, or forgets it).
-    pub(super) fn drain(&mut self) -> Vec<PendingRelease> {
+    /// Forgets the releases that another process has carried out.
+    pub(super) fn forget_carried_out(&mut self, marks: &[PutOffRelease]) {
+        if self.blocks.iter().all(|m| m.pending(marks)) {
+            return;
+        }
+        self.blocks.retain(|m| m.pending(marks));
+        self.bytes
+            .set(self.blocks.iter().map(|m| m.release.size).sum());
+    }
+
+    /// Empties the list (the caller carries out what it returns, or forgets it).
+    pub(super) fn drain(&mut self) -> Vec<Marked> {
         self.bytes.set(0);
         std::mem::take(&mut self.blocks)
     }
 
     pub(super) fn is_empty(&self) -> bool {
         self.blocks.is_empty()
+    }
+}
+
+impl Inner {
+    /// The put-off release marks of process slot `slot` (< `MAX_PROCS`),
+    /// read and filled without the lock.
+    pub(super) fn put_off_marks(&self, slot: u32) -> &[PutOffRelease] {
+        let ctl = self.ctl_ptr();
+        // SAFETY: the control mapping is CTL_SIZE bytes and lives as long as
+        // `self`; `slot` indexes the slot table. The marks are atomics: other
+        // processes change them only with atomic operations, and in this
+        // process callers hold its local lock, so no transaction (which
+        // holds it too) has the control header borrowed meanwhile.
+        let marks: &[PutOffRelease; PUT_OFF_RELEASES] =
+            unsafe { &*std::ptr::addr_of!((*ctl).slots[slot as usize].put_off) };
+        marks
     }
 }
 
@@ -106,10 +156,43 @@ impl Txn<'_> {
         if self.local.releases.is_empty() {
             return;
         }
-        for r in self.local.releases.drain() {
+        let slot = self.local.slot as usize;
+        for m in self.local.releases.drain() {
+            let mark = &self.ctl.slots[slot].put_off[m.mark];
+            if mark.generation.load(Ordering::Acquire) != m.release.generation {
+                continue; // carried out by another process meanwhile
+            }
+            mark.generation.store(0, Ordering::Release);
             // Errors here mean the arena was removed; nothing left to release.
-            let _ = self.drop_holder(r.bref, r.generation);
+            let _ = self.drop_holder(m.release.bref, m.release.generation);
         }
+    }
+
+    /// Carries out the put-off releases of every process (for an allocation
+    /// that finds no free block). True if there were any.
+    pub(super) fn carry_out_put_off_releases(&mut self) -> Result<bool> {
+        let mut any = false;
+        for slot in 0..MAX_PROCS {
+            if self.ctl.slots[slot].state != SLOT_ALIVE {
+                continue;
+            }
+            for i in 0..PUT_OFF_RELEASES {
+                let mark = &self.ctl.slots[slot].put_off[i];
+                let generation = mark.generation.load(Ordering::Acquire);
+                if generation == 0 {
+                    continue;
+                }
+                let bref = BlockRef::from_raw(mark.block.load(Ordering::Relaxed));
+                mark.generation.store(0, Ordering::Release);
+                any = true;
+                if slot as u32 == self.local.slot {
+                    self.drop_holder(bref, generation)?;
+                } else {
+                    self.drop_holder_of(bref, generation, slot as u32, None)?;
+                }
+            }
+        }
+        Ok(any)
     }
 }
 
@@ -125,29 +208,85 @@ mod tests {
         }
     }
 
+    fn marks() -> Vec<PutOffRelease> {
+        (0..PUT_OFF_RELEASES)
+            .map(|_| PutOffRelease {
+                generation: AtomicU64::new(0),
+                block: AtomicU64::new(0),
+            })
+            .collect()
+    }
+
+    fn marked(marks: &[PutOffRelease]) -> Vec<(u64, BlockRef)> {
+        marks
+            .iter()
+            .filter(|m| m.generation.load(Ordering::Relaxed) != 0)
+            .map(|m| {
+                let generation = m.generation.load(Ordering::Relaxed);
+                (
+                    generation,
+                    BlockRef::from_raw(m.block.load(Ordering::Relaxed)),
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn stays_within_its_bounds() {
+    fn stays_within_its_bounds_and_marks_what_it_keeps() {
+        let m = marks();
         let mut p = PendingReleases {
             cap: 10_000,
             ..Default::default()
         };
-        assert!(!p.put(pending(1, 20_000)), "larger than the cap");
-        assert!(p.put(pending(2, 6000)));
-        assert!(!p.put(pending(3, 6000)), "over the cap with the first");
+        assert!(!p.put(&m, pending(1, 20_000)), "larger than the cap");
+        assert!(p.put(&m, pending(2, 6000)));
+        assert!(!p.put(&m, pending(3, 6000)), "over the cap with the first");
+        assert_eq!(marked(&m), vec![(2, pending(2, 0).bref)]);
         assert_eq!(p.drain().len(), 1);
+        for mark in &m {
+            mark.generation.store(0, Ordering::Relaxed);
+        }
         p.cap = u64::MAX;
-        let kept = (0..40).filter(|&i| p.put(pending(i, 64))).count();
-        assert_eq!(kept, MAX_BLOCKS);
-        assert!(pending_release_bytes() >= 64 * MAX_BLOCKS as u64);
-        assert_eq!(p.drain().len(), MAX_BLOCKS);
+        let kept = (1..40).filter(|&i| p.put(&m, pending(i, 64))).count();
+        assert_eq!(kept, PUT_OFF_RELEASES);
+        assert_eq!(
+            marked(&m).len(),
+            PUT_OFF_RELEASES,
+            "every kept one is marked"
+        );
+        assert!(pending_release_bytes() >= 64 * PUT_OFF_RELEASES as u64);
+        assert_eq!(p.drain().len(), PUT_OFF_RELEASES);
         assert!(p.is_empty());
     }
 
     #[test]
-    fn sent_blocks_and_small_received_ones_are_worth_putting_off() {
-        assert!(worth_putting_off(true, 1 << 30));
-        assert!(worth_putting_off(false, RECEIVED_MAX));
-        assert!(!worth_putting_off(false, RECEIVED_MAX + 1));
+    fn forgets_what_another_process_carried_out_and_reuses_its_mark() {
+        let m = marks();
+        let mut p = PendingReleases {
+            cap: u64::MAX,
+            ..Default::default()
+        };
+        for i in 1..=PUT_OFF_RELEASES as u64 {
+            assert!(p.put(&m, pending(i, 100)));
+        }
+        assert!(!p.put(&m, pending(99, 100)), "every mark is in use");
+        // Another process carries out the third one under the lock.
+        m[2].generation.store(0, Ordering::Release);
+        p.forget_carried_out(&m);
+        assert_eq!(p.blocks.len(), PUT_OFF_RELEASES - 1);
+        assert_eq!(p.bytes.get(), 100 * (PUT_OFF_RELEASES as u64 - 1));
+        assert!(p.put(&m, pending(99, 100)), "its mark is free again");
+        assert_eq!(m[2].generation.load(Ordering::Relaxed), 99);
+        // The owner's own pass skips what someone else did: only pending ones remain.
+        m[0].generation.store(0, Ordering::Release);
+        let left: Vec<u64> = p
+            .drain()
+            .iter()
+            .filter(|r| r.pending(&m))
+            .map(|r| r.release.generation)
+            .collect();
+        assert_eq!(left.len(), PUT_OFF_RELEASES - 1);
+        assert!(!left.contains(&1) && left.contains(&99));
     }
 
     #[test]

@@ -35,6 +35,8 @@ impl Txn<'_> {
                 // Pins and leases of a crashed process die with it (its
                 // epoch ends here).
                 dead_epochs.push((s, slot.epoch));
+                // Its put-off releases go with all its holder bits (pass 1).
+                slot.clear_put_off();
                 self.ctl.slots[s as usize].state = SLOT_FREE;
             }
         }

@@ -51,6 +51,7 @@ impl Txn<'_> {
                 // lists of their own; the new process starts empty.
                 slot.pins = 0;
                 slot.pin_head = NO_PIN;
+                slot.clear_put_off();
                 return Ok((s as u32, slot.epoch));
             }
         }
