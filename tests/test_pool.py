@@ -338,6 +338,32 @@ def test_an_argument_every_task_receives_is_pinned_once_per_call(ctx):
             time.sleep(0.01)
 
 
+def test_a_frame_the_call_copies_is_pinned_once_per_array_from_its_first_task():
+    """The call holds the shared copy of a private frame until it ends, so the
+    copy's first message already has a kept pin: the second task's message
+    pins nothing more, and a worker opens each array once per call."""
+    import pickle
+
+    pd = pytest.importorskip("pandas")
+    from memshare._pool._arguments import _CallState
+
+    frame = pd.DataFrame(np.arange(400_000, dtype=np.float64).reshape(-1, 4))
+    state = _CallState(threshold=1 << 20)
+    base = ms.stats()["pins"]
+    first = state.dumps((frame, 1))
+    pins = ms.stats()["pins"] - base
+    second = state.dumps((frame, 2))
+    assert pins >= 1 and ms.stats()["pins"] - base == pins, "the second task pinned again"
+    for message, label in ((first, 1), (second, 2)):
+        back, got = pickle.loads(message)
+        assert got == label and back.equals(frame)
+        del back
+    assert ms.stats()["pins"] - base == pins, "opening a kept pin leaves it in place"
+    del state, first, second
+    gc.collect()
+    assert ms.stats()["pins"] == base, "the call's end takes its pins"
+
+
 def test_writes_to_arguments_stay_private(ctx):
     """Like arguments pickled by value: a task writing into its argument
     changes neither the caller's array nor what other tasks see."""

@@ -448,13 +448,22 @@ def test_a_calls_pins_belong_to_its_lease_and_end_with_it():
     rv, copied = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
     again, copied_again = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
     assert copied and not copied_again  # once per call
-    assert ms.stats()["pins"] == before + 2  # two messages in flight, never received
-    # From the second time on: one message whose pin the lease keeps.
+    # The copy lives as long as the call: from the first time on, one message
+    # whose pin the lease keeps.
+    assert rv == again and ms.stats()["pins"] == before + 1
     third, _ = _sharing.reduce_call_argument(big, memo, 1 << 20, lease)
-    assert third == again and ms.stats()["pins"] == before + 2
+    assert third == again and ms.stats()["pins"] == before + 1
     for _ in range(3):  # opens leave a kept pin in place
-        assert np.array_equal(third[0](*third[1]), big)
-    assert ms.stats()["pins"] == before + 2
+        back = third[0](*third[1])
+        assert np.array_equal(back, big) and not ms.is_shared(back)  # copy-on-write
+    assert ms.stats()["pins"] == before + 1
+    # An array already in shared memory: the first message is for one
+    # receiver (a stream of arrays keeps nothing), the second on kept.
+    shared = ms.share(big)
+    first, _ = _sharing.reduce_call_argument(shared, memo, 1 << 20, lease)
+    second, _ = _sharing.reduce_call_argument(shared, memo, 1 << 20, lease)
+    assert first != second and ms.stats()["pins"] == before + 3
+    del shared, first, second, back
     # The call ends without any worker opening its messages: its lease goes.
     del lease, rv, again, third, memo
     gc.collect()

@@ -530,12 +530,15 @@ class CallMemo:
     one message whose pin its lease keeps (``kept``): workers open it any
     number of times, and those that still have it open from their last task
     open nothing (:func:`open_kept`). Private arrays copied into shared
-    memory are copied once per call either way.
+    memory are copied once per call, and the call holds its copies until it
+    ends anyway: their first message is kept too (``owned``).
     """
 
-    __slots__ = ("copies", "kept", "seen")
+    __slots__ = ("copies", "kept", "owned", "seen")
 
     def __init__(self) -> None:
+        #: data addresses of the shared copies this call made and holds
+        self.owned: set[int] = set()
         #: key -> (array, its shared copy, kept message of the copy or None)
         self.copies: dict[tuple, list] = {}
         #: key -> (array, kept message): arrays sent more than once
@@ -561,10 +564,11 @@ def reduce_call_argument(
     into shared memory once per call (``memo``, keyed by the array's memory)
     and arrive as copy-on-write views: a task that writes to its argument
     changes only its own copy, as with arguments pickled by value. Smaller
-    ones are pickled by value. An array sent again in the same call goes as
-    one message with a kept pin (see :class:`CallMemo`).
+    ones are pickled by value. An array sent again in the same call, and a
+    copy the call made, go as one message with a kept pin (see
+    :class:`CallMemo`).
     """
-    from ._array import _rebuild, _rebuild_kept, _rebuild_private
+    from ._array import _rebuild, _rebuild_kept
 
     if arr.dtype.hasobject:
         return NotImplemented, False
@@ -573,7 +577,7 @@ def reduce_call_argument(
         hit = memo.kept.get(key)
         if hit is not None and hit[0] is arr:
             return (_rebuild_kept, (hit[1], False)), False
-        if memo.seen.get(key) is arr:
+        if memo.seen.get(key) is arr or key[0] in memo.owned:
             message = _one_entry(arr, lease, kept=True)
             memo.kept[key] = (arr, message)
             return (_rebuild_kept, (message, False)), False
@@ -583,13 +587,13 @@ def reduce_call_argument(
         return NotImplemented, False
     key = _memo_key(arr)
     hit = memo.copies.get(key)
-    if hit is None:
-        # Keeping `arr` alive keeps its address from being reused in the call.
-        memo.copies[key] = [arr, _share_copy(arr), None]
-        return (_rebuild_private, (_one_entry(memo.copies[key][1], lease),)), True
-    if hit[2] is None:
-        hit[2] = _one_entry(hit[1], lease, kept=True)
-    return (_rebuild_kept, (hit[2], True)), False
+    copied = hit is None
+    if copied:
+        # Keeping `arr` alive keeps its address from being reused in the call;
+        # the copy lives as long as the call, so its message is kept at once.
+        copy = _share_copy(arr)
+        hit = memo.copies[key] = [arr, copy, _one_entry(copy, lease, kept=True)]
+    return (_rebuild_kept, (hit[2], True)), copied
 
 
 # --- a pool worker's arguments that stay open from one task to the next --------------

@@ -70,6 +70,16 @@ class _CallState:
             _count("shared_arguments")
         return rv
 
+    def _share_owned(self, arr: np.ndarray, readonly: bool = False) -> np.ndarray:
+        """``share_array`` for the frames this call shares: a copy it makes is
+        the call's own (it keeps the frame until it ends), so its first
+        message is kept too (``CallMemo.owned``)."""
+        shared = share_array(arr, readonly=readonly)
+        address = _native.data_address(shared)
+        if address is not None and address != _native.data_address(arr):
+            self.arrays.owned.add(address)
+        return shared
+
     def reduce_frame(self, obj: Any) -> Any:
         if self.threshold is None:
             return NotImplemented
@@ -81,7 +91,7 @@ class _CallState:
             return NotImplemented
         if frames.nbytes(obj) < self.threshold:
             return NotImplemented
-        shared = frames.share_frame(obj, share_array)
+        shared = frames.share_frame(obj, self._share_owned)
         _count("shared_arguments")
         rv = frames.reduce_frame(shared)
         self.frames[id(obj)] = (obj, rv)
