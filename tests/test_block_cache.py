@@ -193,3 +193,38 @@ def test_processes_killed_at_random_with_full_caches_leave_nothing(method):
     a = ms.full(3 * N, 4.0)  # the heap the dead processes used is sound
     assert (a == 4.0).all()
     del a
+
+
+def _make_and_send(n: int, conn) -> None:
+    a = ms.full(n, 3.0)
+    conn.send(ms.dumps(a))
+    del a
+    conn.poll(T)  # until the parent holds it
+
+
+def test_a_large_allocation_prefers_a_free_block_its_process_wrote_last():
+    """Its pages are in this process's page tables already; one another
+    process wrote would cost a page fault per page to write again."""
+    n = (24 << 20) // 8  # above the 4 MiB of the preference; its own segment
+    spawn = mp.get_context("spawn")
+    here, there = spawn.Pipe()
+    p = spawn.Process(target=_make_and_send, args=(n, there), daemon=True)
+    p.start()
+    try:
+        assert here.poll(T)
+        theirs = ms.loads(here.recv())
+        here.send("held")
+    finally:
+        p.join(T)
+        if p.is_alive():
+            p.kill()
+            p.join(T)
+    assert p.exitcode == 0
+    mine = ms.full(n, 1.0)
+    address = _address(mine)
+    del mine
+    _native.flush_block_cache()  # into the shared heap first ...
+    del theirs  # ... so theirs is the newest free block of the size
+    again = ms.empty(n)
+    assert _address(again) == address, "took the block another process wrote"
+    del again

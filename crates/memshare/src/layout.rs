@@ -333,11 +333,16 @@ pub struct BlockHeader {
     pub dirty: u64,
     /// While FREE: when the block was last freed or merged (monotonic ns).
     pub freed_ns: u64,
+    /// The process slot, plus one, that allocated the block last (0: none
+    /// yet). Its pages are in that process's page tables: a large allocation
+    /// of the same slot prefers it, and writes it without page faults.
+    pub writer: u32,
+    pub _pad: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<SegHeader>() as u64 == SEG_HEADER);
 const _: () = assert!(std::mem::size_of::<PinEntry>() == 56);
-const _: () = assert!(std::mem::size_of::<BlockHeader>() as u64 <= BLOCK_HEADER);
+const _: () = assert!(std::mem::size_of::<BlockHeader>() as u64 == BLOCK_HEADER);
 const _: () = assert!(std::mem::size_of::<SegmentEntry>() == 96);
 const _: () = assert!(BLOCK_HEADER % ALIGN == 0 && SEG_HEADER % ALIGN == 0);
 
