@@ -61,6 +61,32 @@ def ctx(request):
     return mp.get_context(request.param)
 
 
+@pytest.fixture
+def in_own_arena(request):
+    """``run(name, *args)`` calls ``name(*args)`` of the test's module in a
+    fresh interpreter that has an arena of its own: its free lists hold only
+    what it freed, so what an allocation gets there does not depend on the
+    tests before it. Fails with the interpreter's output if the call raises
+    (or leaves anything in its arena: the function checks that itself)."""
+    import subprocess
+
+    module = request.module
+    here = str(Path(module.__file__).parent)
+
+    def run(name: str, *args) -> None:
+        code = (
+            f"import sys; sys.path.insert(0, {here!r}); "
+            f"import {module.__name__} as m; m.{name}(*{args!r})"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "MEMSHARE_ARENA"}
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+        )
+        assert out.returncode == 0, f"{name}{args} failed:\n{out.stdout}\n{out.stderr}"
+
+    return run
+
+
 def _settle() -> dict:
     gc.collect()
     s = ms.stats()

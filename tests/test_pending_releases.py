@@ -193,13 +193,10 @@ def test_a_received_block_is_put_off_whatever_its_size(mib):
     del a, kept
 
 
-@pytest.mark.parametrize("room", ["limit", "arena"])
-def test_an_allocation_takes_back_what_a_stopped_process_put_off(ctx, room):
-    """A receiver drops the last reference to a block and stops before its
-    next call. Another process's allocation that only fits in that block's
-    room (under the limit, or without growing the arena) carries out the
-    stopped one's release itself."""
-    size = (32 if room == "limit" else 88) << 20  # 88: no other free block that large
+def _allocation_takes_back_what_a_stopped_process_put_off(method: str, room: str) -> None:
+    """The scenario of the test below, in an arena of its own (``in_own_arena``)."""
+    ctx = mp.get_context(method)
+    size = 32 << 20
     base = ms.stats()
     p, conn = _start_dropper(ctx, stop=True)
     a, kept = ms.full(size // 8, 7.0), ms.zeros(8)
@@ -218,7 +215,8 @@ def test_an_allocation_takes_back_what_a_stopped_process_put_off(ctx, room):
             ms.set_limit(ms.stats()["bytes_in_use"] + size // 2)
         reserved = ms.stats()["bytes_reserved"]
         try:
-            # Fits only once the dropped block is freed (MemoryError otherwise).
+            # Fits only once the dropped block is freed (MemoryError under the
+            # limit; a new segment in a fresh arena with no other free block).
             b = ms.full(size // 8, 1.0)
             s = ms.stats()
             assert s["live_blocks"] == base["live_blocks"] + 2, "dropped one freed"
@@ -236,6 +234,15 @@ def test_an_allocation_takes_back_what_a_stopped_process_put_off(ctx, room):
     del kept
     s = ms.stats()
     assert (s["live_blocks"], s["pins"]) == (base["live_blocks"], base["pins"]), s
+
+
+@pytest.mark.parametrize("room", ["limit", "arena"])
+def test_an_allocation_takes_back_what_a_stopped_process_put_off(ctx, room, in_own_arena):
+    """A receiver drops the last reference to a block and stops before its
+    next call. Another process's allocation that only fits in that block's
+    room (under the limit, or without growing the arena) carries out the
+    stopped one's release itself."""
+    in_own_arena("_allocation_takes_back_what_a_stopped_process_put_off", ctx.get_start_method(), room)
 
 
 def _open_and_check(message: bytes, out) -> None:
