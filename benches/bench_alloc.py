@@ -108,10 +108,13 @@ Built:
 Workload (a) went from 16.4 acquisitions per task to the figure in the Pool
 table: each further task costs 3 (the worker allocates its result and pins
 it; the parent opens it, which carries out its release of the last one), and
-each call some 20 more (the frame's arrays shared, pinned and opened by each
-worker). The camera/matcher program costs about 3 per frame sent (the camera
-allocates and puts; the matcher opens; frames dropped for a full queue add
-theirs).
+each call about 18 more: the parent copies the frame's three arrays into
+shared memory, makes the call's lease, pins each array once (the call holds
+its copy, so even the first task's message keeps its pin) and ends the lease;
+each worker opens the three arrays once, allocates its first temporary and
+flushes its cache when the call is done. The camera/matcher program costs
+about 3 per frame sent (the camera allocates and puts; the matcher opens;
+frames dropped for a full queue add theirs).
 
 Not built, and the next steps past 2 cores:
 

@@ -295,7 +295,7 @@ impl Txn<'_> {
             // This process's cache counts as in use, and so do the blocks
             // whose release any process put off: take them back first.
             self.flush_cache()?;
-            self.carry_out_put_off_releases()?;
+            self.carry_out_put_off_releases();
         }
         if size > (1 << 47) || self.ctl.bytes_in_use.saturating_add(size) > limit {
             return Err(self.oom(len));
@@ -309,7 +309,7 @@ impl Txn<'_> {
                 // Under pressure: this process's cache, the releases any
                 // process put off, and what dead processes hold, go back
                 // before the arena grows.
-                if self.flush_cache()? | self.carry_out_put_off_releases()? | self.reap()? {
+                if self.flush_cache()? | self.carry_out_put_off_releases() | self.reap()? {
                     if let Some(r) = self.take_free(size)? {
                         return self.mark_live(r, len, flags);
                     }

@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::cache::CountedBytes;
 use super::txn::Txn;
 use super::Inner;
-use crate::error::Result;
 use crate::layout::{BlockRef, PutOffRelease, MAX_PROCS, PUT_OFF_RELEASES, SLOT_ALIVE};
 
 /// Bytes of the blocks whose release this process has put off (every arena).
@@ -170,7 +169,7 @@ impl Txn<'_> {
 
     /// Carries out the put-off releases of every process (for an allocation
     /// that finds no free block). True if there were any.
-    pub(super) fn carry_out_put_off_releases(&mut self) -> Result<bool> {
+    pub(super) fn carry_out_put_off_releases(&mut self) -> bool {
         let mut any = false;
         for slot in 0..MAX_PROCS {
             if self.ctl.slots[slot].state != SLOT_ALIVE {
@@ -185,14 +184,16 @@ impl Txn<'_> {
                 let bref = BlockRef::from_raw(mark.block.load(Ordering::Relaxed));
                 mark.generation.store(0, Ordering::Release);
                 any = true;
-                if slot as u32 == self.local.slot {
-                    self.drop_holder(bref, generation)?;
+                // A mark naming no block of this arena (never written so by
+                // memshare) is dropped: it must not fail the allocation.
+                let _ = if slot as u32 == self.local.slot {
+                    self.drop_holder(bref, generation)
                 } else {
-                    self.drop_holder_of(bref, generation, slot as u32, None)?;
-                }
+                    self.drop_holder_of(bref, generation, slot as u32, None)
+                };
             }
         }
-        Ok(any)
+        any
     }
 }
 
