@@ -242,7 +242,9 @@ def test_an_allocation_takes_back_what_a_stopped_process_put_off(ctx, room, in_o
     next call. Another process's allocation that only fits in that block's
     room (under the limit, or without growing the arena) carries out the
     stopped one's release itself."""
-    in_own_arena("_allocation_takes_back_what_a_stopped_process_put_off", ctx.get_start_method(), room)
+    in_own_arena(
+        "_allocation_takes_back_what_a_stopped_process_put_off", ctx.get_start_method(), room
+    )
 
 
 def _open_and_check(message: bytes, out) -> None:
