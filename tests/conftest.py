@@ -7,6 +7,7 @@ import gc
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -79,10 +80,23 @@ def in_own_arena(request):
             f"import {module.__name__} as m; m.{name}(*{args!r})"
         )
         env = {k: v for k, v in os.environ.items() if k != "MEMSHARE_ARENA"}
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+        # A session of its own: on a timeout, everything it started goes too
+        # (SIGKILL ends a stopped process as well).
+        p = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
         )
-        assert out.returncode == 0, f"{name}{args} failed:\n{out.stdout}\n{out.stderr}"
+        try:
+            out, _ = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate(timeout=60)
+            pytest.fail(f"{name}{args} did not finish in 600 s:\n{out}")
+        assert p.returncode == 0, f"{name}{args} failed:\n{out}"
 
     return run
 

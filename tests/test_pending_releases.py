@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -151,6 +152,8 @@ def _drop_received(conn, stop: bool) -> None:
     """Opens two arrays sent through ``conn`` (after this process started, so
     a fork child does not inherit them), drops the first and reports; keeps
     the second (it keeps the arena attached) until told to end."""
+    if not conn.poll(T):
+        return
     dropped, kept = conn.recv()
     a, b = ms.loads(dropped), ms.loads(kept)
     size = a.nbytes
@@ -175,20 +178,38 @@ def _stopped(pid: int) -> bool:
     return fields[0] == "T"
 
 
+def _large(mib: int) -> int:
+    """``mib`` MiB, or less on a small shm directory: put off are releases
+    up to 1/32 of it (``releases::cap_bytes``), so at most 1/64."""
+    total = shutil.disk_usage(os.environ["MEMSHARE_DIR"]).total
+    return min(mib << 20, total // 64 // 4096 * 4096)
+
+
+def _let_the_dropper_end(p, conn) -> None:
+    """Resumes a dropper (stopped or not) and tells it to end; it is killed
+    if it does not (see ``_end``)."""
+    os.kill(p.pid, signal.SIGCONT)
+    try:
+        conn.send("done")
+    except OSError:
+        pass  # it is gone already
+    os.kill(p.pid, signal.SIGCONT)  # had it not stopped itself yet before the first
+    _end(p)
+
+
 @pytest.mark.parametrize("mib", [1, 32])
 def test_a_received_block_is_put_off_whatever_its_size(mib):
     """Large blocks too: an allocation that needs the room takes it back
     (next test), so a receiver's put-off release keeps nothing from anyone."""
     p, conn = _start_dropper(mp.get_context("spawn"), stop=False)
-    a, kept = ms.zeros((mib << 20) // 8), ms.zeros(8)
     try:
+        a, kept = ms.zeros(_large(mib) // 8), ms.zeros(8)
         conn.send((ms.dumps(a), ms.dumps(kept)))
         assert conn.poll(T)
         size, held_back = conn.recv()
-        conn.send("done")
     finally:
-        _end(p)
-    assert size == mib << 20
+        _let_the_dropper_end(p, conn)
+    assert size == _large(mib)
     assert held_back >= size, "the receiver's release is put off"
     del a, kept
 
@@ -196,11 +217,11 @@ def test_a_received_block_is_put_off_whatever_its_size(mib):
 def _allocation_takes_back_what_a_stopped_process_put_off(method: str, room: str) -> None:
     """The scenario of the test below, in an arena of its own (``in_own_arena``)."""
     ctx = mp.get_context(method)
-    size = 32 << 20
+    size = _large(32)
     base = ms.stats()
     p, conn = _start_dropper(ctx, stop=True)
-    a, kept = ms.full(size // 8, 7.0), ms.zeros(8)
     try:
+        a, kept = ms.full(size // 8, 7.0), ms.zeros(8)
         conn.send((ms.dumps(a), ms.dumps(kept)))
         assert conn.poll(T)
         dropped, held_back = conn.recv()
@@ -227,9 +248,7 @@ def _allocation_takes_back_what_a_stopped_process_put_off(method: str, room: str
         finally:
             ms.set_limit(None)
     finally:
-        os.kill(p.pid, signal.SIGCONT)
-        conn.send("done")
-        _end(p)
+        _let_the_dropper_end(p, conn)
     assert p.exitcode == 0
     del kept
     s = ms.stats()

@@ -470,6 +470,29 @@ def test_a_calls_pins_belong_to_its_lease_and_end_with_it():
     assert ms.stats()["pins"] == before
 
 
+def test_only_a_calls_first_copies_keep_their_pins_from_the_first_task():
+    """A call that streams many private arrays copies each once; only the
+    first CallMemo.OWNED_KEPT of them get a kept pin at once, so such a call
+    does not fill the pin table with pins nobody will open again."""
+    from memshare import _sharing
+
+    lease = _native.Lease()
+    memo = _sharing.CallMemo()
+    arrays = [np.full(1 << 15, float(i)) for i in range(memo.OWNED_KEPT + 4)]  # 256 KiB
+    before = ms.stats()["pins"]
+    sent = [_sharing.reduce_call_argument(a, memo, 1 << 10, lease)[0] for a in arrays]
+    assert ms.stats()["pins"] == before + len(arrays)
+    for a, rv in zip(arrays, sent, strict=True):
+        back = rv[0](*rv[1])  # what the worker does with the message
+        assert np.array_equal(back, a) and not ms.is_shared(back)  # copy-on-write
+        del back
+    # Opening consumed the pins of the later ones; the first ones' stay kept.
+    assert ms.stats()["pins"] == before + memo.OWNED_KEPT
+    del lease, memo, sent
+    gc.collect()
+    assert ms.stats()["pins"] == before
+
+
 def test_task_results_over_the_threshold_are_copied_once_and_go_by_handle():
     from memshare import _sharing
 

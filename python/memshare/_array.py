@@ -88,6 +88,14 @@ def _rebuild(message: bytes) -> np.ndarray:
     return _sharing._rebuild_transported(message)
 
 
+def _rebuild_private(message: bytes) -> np.ndarray:
+    """Loads a one-entry message as a private copy-on-write view."""
+    entries, payload = _native.decode_message(message)
+    if len(entries) != 1 or payload:
+        raise _native.HandleError("memshare: not a single-array message")
+    return _sharing.rebuild_entry(entries[0], private=True)
+
+
 def _rebuild_kept(message: bytes, private: bool) -> np.ndarray:
     """Loads a pool call's argument sent with a kept pin (``_sharing.CallMemo``):
     a SharedArray, or with ``private`` a copy-on-write view (a fresh one per

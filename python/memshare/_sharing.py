@@ -531,20 +531,34 @@ class CallMemo:
     number of times, and those that still have it open from their last task
     open nothing (:func:`open_kept`). Private arrays copied into shared
     memory are copied once per call, and the call holds its copies until it
-    ends anyway: their first message is kept too (``owned``).
+    ends anyway: the first message of the first :data:`OWNED_KEPT` copies is
+    kept too (``owned``; a call that streams many copies, or a frame of
+    hundreds of buffers, does not fill the pin table with kept pins).
     """
 
     __slots__ = ("copies", "kept", "owned", "seen")
 
+    #: Copies of a call whose first message is kept (see above).
+    OWNED_KEPT = 16
+
     def __init__(self) -> None:
-        #: data addresses of the shared copies this call made and holds
-        self.owned: set[int] = set()
+        #: data address -> shared copy this call made (held, so that no
+        #: other array of the call can have its address meanwhile)
+        self.owned: dict[int, np.ndarray] = {}
         #: key -> (array, its shared copy, kept message of the copy or None)
         self.copies: dict[tuple, list] = {}
         #: key -> (array, kept message): arrays sent more than once
         self.kept: dict[tuple, tuple[np.ndarray, bytes]] = {}
         #: key -> array sent once (weakly: a stream of arrays is not kept)
         self.seen: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def own(self, copy: np.ndarray) -> bool:
+        """Records ``copy``, a shared copy this call made and holds; True if
+        its first message is to be kept too (the first :data:`OWNED_KEPT`)."""
+        if len(self.owned) >= self.OWNED_KEPT:
+            return False
+        self.owned[_native.data_address(copy)] = copy
+        return True
 
 
 def _memo_key(arr: np.ndarray) -> tuple:
@@ -568,7 +582,7 @@ def reduce_call_argument(
     copy the call made, go as one message with a kept pin (see
     :class:`CallMemo`).
     """
-    from ._array import _rebuild, _rebuild_kept
+    from ._array import _rebuild, _rebuild_kept, _rebuild_private
 
     if arr.dtype.hasobject:
         return NotImplemented, False
@@ -587,13 +601,17 @@ def reduce_call_argument(
         return NotImplemented, False
     key = _memo_key(arr)
     hit = memo.copies.get(key)
-    copied = hit is None
-    if copied:
-        # Keeping `arr` alive keeps its address from being reused in the call;
-        # the copy lives as long as the call, so its message is kept at once.
+    if hit is None:
+        # Keeping `arr` alive keeps its address from being reused in the call.
         copy = _share_copy(arr)
-        hit = memo.copies[key] = [arr, copy, _one_entry(copy, lease, kept=True)]
-    return (_rebuild_kept, (hit[2], True)), copied
+        if memo.own(copy):  # the call holds it anyway: kept from the first task
+            hit = memo.copies[key] = [arr, copy, _one_entry(copy, lease, kept=True)]
+            return (_rebuild_kept, (hit[2], True)), True
+        memo.copies[key] = [arr, copy, None]
+        return (_rebuild_private, (_one_entry(copy, lease),)), True
+    if hit[2] is None:
+        hit[2] = _one_entry(hit[1], lease, kept=True)
+    return (_rebuild_kept, (hit[2], True)), False
 
 
 # --- a pool worker's arguments that stay open from one task to the next --------------

@@ -73,11 +73,10 @@ class _CallState:
     def _share_owned(self, arr: np.ndarray, readonly: bool = False) -> np.ndarray:
         """``share_array`` for the frames this call shares: a copy it makes is
         the call's own (it keeps the frame until it ends), so its first
-        message is kept too (``CallMemo.owned``)."""
+        message may be kept too (``CallMemo.own``)."""
         shared = share_array(arr, readonly=readonly)
-        address = _native.data_address(shared)
-        if address is not None and address != _native.data_address(arr):
-            self.arrays.owned.add(address)
+        if _native.data_address(shared) != _native.data_address(arr):
+            self.arrays.own(shared)
         return shared
 
     def reduce_frame(self, obj: Any) -> Any:

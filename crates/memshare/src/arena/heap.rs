@@ -30,10 +30,10 @@ const MAX_SEGMENT: u64 = 128 << 20;
 const DEDICATED_FRACTION: u64 = 8;
 /// A free block is split when the remainder is at least this large.
 const SPLIT_MIN: u64 = BLOCK_HEADER + 4096;
-/// How often an allocation (or the decay thread) checks for dead processes.
 /// Allocations from this size on prefer a free block their process wrote
 /// last (see `Txn::best_fit`); below, page faults cost little.
 const WRITER_AFFINITY_MIN: u64 = 4 << 20;
+/// How often an allocation (or the decay thread) checks for dead processes.
 pub(super) const REAP_INTERVAL_NS: u64 = 1_000_000_000;
 
 impl Txn<'_> {

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::cache::CountedBytes;
 use super::txn::Txn;
 use super::Inner;
+use crate::error::Error;
 use crate::layout::{BlockRef, PutOffRelease, MAX_PROCS, PUT_OFF_RELEASES, SLOT_ALIVE};
 
 /// Bytes of the blocks whose release this process has put off (every arena).
@@ -133,14 +134,16 @@ impl PendingReleases {
 
 impl Inner {
     /// The put-off release marks of process slot `slot` (< `MAX_PROCS`),
-    /// read and filled without the lock.
+    /// read and filled without the lock. Callers hold this attachment's
+    /// local lock for as long as they use them.
     pub(super) fn put_off_marks(&self, slot: u32) -> &[PutOffRelease] {
         let ctl = self.ctl_ptr();
         // SAFETY: the control mapping is CTL_SIZE bytes and lives as long as
         // `self`; `slot` indexes the slot table. The marks are atomics: other
         // processes change them only with atomic operations, and in this
-        // process callers hold its local lock, so no transaction (which
-        // holds it too) has the control header borrowed meanwhile.
+        // process the callers hold its local lock while they use the slice,
+        // so no transaction (which holds it too) has the control header
+        // borrowed meanwhile.
         let marks: &[PutOffRelease; PUT_OFF_RELEASES] =
             unsafe { &*std::ptr::addr_of!((*ctl).slots[slot as usize].put_off) };
         marks
@@ -161,9 +164,11 @@ impl Txn<'_> {
             if mark.generation.load(Ordering::Acquire) != m.release.generation {
                 continue; // carried out by another process meanwhile
             }
-            mark.generation.store(0, Ordering::Release);
             // Errors here mean the arena was removed; nothing left to release.
             let _ = self.drop_holder(m.release.bref, m.release.generation);
+            self.ctl.slots[slot].put_off[m.mark]
+                .generation
+                .store(0, Ordering::Release);
         }
     }
 
@@ -182,15 +187,24 @@ impl Txn<'_> {
                     continue;
                 }
                 let bref = BlockRef::from_raw(mark.block.load(Ordering::Relaxed));
-                mark.generation.store(0, Ordering::Release);
-                any = true;
-                // A mark naming no block of this arena (never written so by
-                // memshare) is dropped: it must not fail the allocation.
-                let _ = if slot as u32 == self.local.slot {
+                let done = if slot as u32 == self.local.slot {
                     self.drop_holder(bref, generation)
                 } else {
                     self.drop_holder_of(bref, generation, slot as u32, None)
                 };
+                // A mark naming no block of this arena (never written so by
+                // memshare) goes, as does one in a corrupt segment; one whose segment this process cannot map
+                // now (out of descriptors) stays for its owner to carry out.
+                // Neither fails the allocation.
+                if matches!(
+                    done,
+                    Ok(()) | Err(Error::InvalidHandle(_) | Error::Corrupt { .. })
+                ) {
+                    self.ctl.slots[slot].put_off[i]
+                        .generation
+                        .store(0, Ordering::Release);
+                    any = true;
+                }
             }
         }
         any

@@ -131,7 +131,9 @@ impl Inner {
             LOCK_ACQUISITIONS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: we now hold the arena mutex, which every process takes before
-        // touching the control header, so this is the only live reference to it.
+        // touching the control header, so this is the only live reference to it
+        // (save the put-off release marks, which other processes fill without
+        // the mutex: they are atomics, only ever accessed atomically).
         let ctl = unsafe { &mut *ctl_ptr };
         let mut txn = Txn {
             inner: self,
