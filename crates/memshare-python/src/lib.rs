@@ -644,7 +644,8 @@ fn flush_block_cache(py: Python<'_>) -> PyResult<()> {
 }
 
 /// Bytes this process holds back: its caches of free blocks and the blocks
-/// whose release it put off to its next transaction (two atomic loads).
+/// whose release it put off (two atomic loads; a release another process
+/// has carried out meanwhile still counts until this process looks).
 #[pyfunction]
 fn held_back_bytes() -> u64 {
     memshare::arena::cached_bytes() + memshare::arena::pending_release_bytes()

@@ -29,7 +29,9 @@ use super::Inner;
 use crate::error::Error;
 use crate::layout::{BlockRef, PutOffRelease, MAX_PROCS, PUT_OFF_RELEASES, SLOT_ALIVE};
 
-/// Bytes of the blocks whose release this process has put off (every arena).
+/// Bytes of the blocks whose release this process has put off (every arena;
+/// one that another process has carried out meanwhile counts until this
+/// process next looks at its marks).
 pub fn pending_release_bytes() -> u64 {
     PENDING.load(Ordering::Relaxed)
 }
