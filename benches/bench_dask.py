@@ -58,10 +58,20 @@ def new_cluster():
     )
 
 
+def _addresses(dask_scheduler) -> list[str]:
+    return list(dask_scheduler.workers)
+
+
+def worker_addresses(client) -> list[str]:
+    """The workers' addresses, from the scheduler (client.scheduler_info() may
+    come back without them: its periodic refresh keeps none)."""
+    return sorted(client.run_on_scheduler(_addresses))
+
+
 def worker_to_worker(client, use, n: int = N) -> tuple[float, float, float]:
     """A task on worker b uses an array of ``n`` float64 made on worker a
     (made before the clock starts)."""
-    a, b = sorted(client.scheduler_info()["workers"])
+    a, b = worker_addresses(client)
     state: dict = {}
 
     def setup():
@@ -76,7 +86,7 @@ def worker_to_worker(client, use, n: int = N) -> tuple[float, float, float]:
 
 def gather(client) -> tuple[float, float, float]:
     """The client gathers a 200 MB result (made before the clock starts)."""
-    a, _ = sorted(client.scheduler_info()["workers"])
+    a, _ = worker_addresses(client)
     state: dict = {}
 
     def setup():

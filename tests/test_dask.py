@@ -118,8 +118,16 @@ def drain(client: Client) -> None:
     client.run(_native.flush_block_cache)
 
 
+def worker_names(dask_scheduler) -> dict[str, str]:
+    """Address -> name of every worker, as the scheduler has them now."""
+    return {address: str(ws.name) for address, ws in dask_scheduler.workers.items()}
+
+
 def workers(client: Client) -> list[str]:
-    return sorted(client.scheduler_info()["workers"])
+    # Not client.scheduler_info(): the client's periodic refresh, which keeps
+    # no per-worker information (distributed 2026.8), may overwrite the fresh
+    # answer before it is returned, and it comes back with no workers.
+    return sorted(client.run_on_scheduler(worker_names))
 
 
 def new_cluster(n: int = 2) -> LocalCluster:
@@ -257,9 +265,8 @@ def test_worker_with_a_private_dev_shm_gets_bytes(c):
     try:
         c.wait_for_workers(3, timeout=T)
         here = workers(c)
-        private = next(
-            w for w, info in c.scheduler_info()["workers"].items() if info["name"] == "private"
-        )
+        names = c.run_on_scheduler(worker_names)
+        private = next(w for w, name in names.items() if name == "private")
         local = next(w for w in here if w != private)
         identities = c.run(md.memory_identity)
         assert identities[private] != identities[local] == md.memory_identity()
@@ -392,7 +399,7 @@ _LIFECYCLE = textwrap.dedent(
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address=None, worker_dashboard_address=None) as cluster, \\
                 Client(cluster) as c:
-            a, b = sorted(c.scheduler_info()["workers"])
+            a, b = sorted(c.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.workers)))
             for registered in (False, True):
                 if registered:
                     md.register(c)
