@@ -49,6 +49,19 @@ def test_limit_from_environment_gives_memory_error_with_sizes():
     assert "MEMSHARE_LIMIT" in out.stdout
 
 
+def test_an_empty_memshare_dir_means_the_default():
+    """Like the other switches' empty values: unset, so /dev/shm (it failed
+    with an empty path in its message)."""
+    code = (
+        "import numpy as np, memshare as ms\n"
+        "a = ms.share(np.arange(10.0))\n"
+        "print(ms._native.shm_dir(), float(a.sum()))\n"
+    )
+    out = run_python(code, {"MEMSHARE_DIR": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["/dev/shm", "45.0"], out.stdout
+
+
 def test_set_limit_applies_to_the_arena():
     ms.share(np.ones(10))  # make sure the arena exists
     ms.set_limit(ms.stats()["bytes_reserved"])

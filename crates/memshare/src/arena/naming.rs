@@ -20,9 +20,11 @@ pub fn parse_hex(s: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-/// The directory holding segments: `MEMSHARE_DIR`, else /dev/shm.
+/// The directory holding segments: `MEMSHARE_DIR`, else /dev/shm (an empty
+/// `MEMSHARE_DIR` counts as unset, as the other switches' empty values do).
 pub fn default_dir() -> PathBuf {
     std::env::var_os("MEMSHARE_DIR")
+        .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/dev/shm"))
 }
