@@ -26,6 +26,14 @@ def _address(a: np.ndarray) -> int:
     return _native.data_address(a)
 
 
+def _end(p) -> None:
+    """Joins a child, killed if it does not end within the bound."""
+    p.join(T)
+    if p.is_alive():
+        p.kill()
+        p.join(T)
+
+
 def test_a_freed_private_block_is_reused_without_the_lock():
     ms.reap()  # nothing of an earlier test's dead processes is freed meanwhile
     gc.collect()
@@ -112,10 +120,7 @@ def test_a_forked_child_and_its_parent_never_reuse_the_same_block():
         assert out.get(timeout=T) == "ok"
         del b
     finally:
-        p.join(T)
-        if p.is_alive():
-            p.kill()
-            p.join(T)
+        _end(p)
     assert p.exitcode == 0
 
 
@@ -213,10 +218,7 @@ def _prefers_a_free_block_its_process_wrote_last() -> None:
         theirs = ms.loads(here.recv())
         here.send("held")
     finally:
-        p.join(T)
-        if p.is_alive():
-            p.kill()
-            p.join(T)
+        _end(p)
     assert p.exitcode == 0
     mine = ms.full(n, 1.0)
     address = _address(mine)

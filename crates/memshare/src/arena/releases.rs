@@ -115,12 +115,12 @@ impl PendingReleases {
 
     /// Forgets the releases that another process has carried out.
     pub(super) fn forget_carried_out(&mut self, marks: &[PutOffRelease]) {
-        if self.blocks.iter().all(|m| m.pending(marks)) {
-            return;
-        }
+        let before = self.blocks.len();
         self.blocks.retain(|m| m.pending(marks));
-        self.bytes
-            .set(self.blocks.iter().map(|m| m.release.size).sum());
+        if self.blocks.len() != before {
+            self.bytes
+                .set(self.blocks.iter().map(|m| m.release.size).sum());
+        }
     }
 
     /// Empties the list (the caller carries out what it returns, or forgets it).
@@ -162,8 +162,7 @@ impl Txn<'_> {
         }
         let slot = self.local.slot as usize;
         for m in self.local.releases.drain() {
-            let mark = &self.ctl.slots[slot].put_off[m.mark];
-            if mark.generation.load(Ordering::Acquire) != m.release.generation {
+            if !m.pending(&self.ctl.slots[slot].put_off) {
                 continue; // carried out by another process meanwhile
             }
             // Errors here mean the arena was removed; nothing left to release.
@@ -195,9 +194,9 @@ impl Txn<'_> {
                     self.drop_holder_of(bref, generation, slot as u32, None)
                 };
                 // A mark naming no block of this arena (never written so by
-                // memshare) goes, as does one in a corrupt segment; one whose segment this process cannot map
-                // now (out of descriptors) stays for its owner to carry out.
-                // Neither fails the allocation.
+                // memshare), or one in a corrupt segment, goes; one whose
+                // segment this process cannot map now (out of descriptors)
+                // stays for its owner. Neither fails the allocation.
                 if matches!(
                     done,
                     Ok(()) | Err(Error::InvalidHandle(_) | Error::Corrupt { .. })
