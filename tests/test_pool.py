@@ -226,6 +226,32 @@ def test_initializer_and_maxtasksperchild():
         assert len(pids) >= 3  # workers were replaced
 
 
+def test_the_worker_handler_sleeps_while_a_result_waits_unread():
+    # The stdlib's worker handler also waits on the results pipe, so it spins
+    # (and takes the GIL from the caller) for as long as a result waits there.
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_the_result_handler(_):
+        entered.set()
+        release.wait(T)
+
+    with Pool(1) as pool:
+        first = pool.apply_async(abs, (-1,), callback=hold_the_result_handler)
+        assert entered.wait(T)
+        second = pool.apply_async(abs, (-2,))
+        try:
+            # The second result is in the pipe, and nobody reads it.
+            assert _pool._stdlib.result_reader(pool).poll(T)
+            clock = time.pthread_getcpuclockid(pool._worker_handler.ident)
+            spent = time.clock_gettime(clock)
+            time.sleep(1.0)  # a window to watch it in, not a synchronisation
+            spent = time.clock_gettime(clock) - spent
+        finally:
+            release.set()
+        assert first.get(T) == 1 and second.get(T) == 2
+    assert spent < 0.1, f"the worker handler ran {spent:.3f} s in 1 s of waiting"
+
+
 def test_close_join_and_state_errors():
     pool = Pool(2)
     r = pool.map_async(square, range(10))

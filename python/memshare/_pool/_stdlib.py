@@ -71,6 +71,7 @@ __all__ = [
     "set_task_queue",
     "stop_worker_handler",
     "task",
+    "worker_handler_sentinels",
     "worker_processes",
 ]
 
@@ -81,6 +82,7 @@ StdPool = _mp_pool.Pool
 OVERRIDDEN_HOOKS: tuple[tuple[type, str, tuple[str, ...]], ...] = (
     (StdPool, "_setup_queues", ("self",)),
     (StdPool, "_check_running", ("self",)),
+    (StdPool, "_get_sentinels", ("self",)),
     (
         StdPool,
         "_map_async",
@@ -124,6 +126,16 @@ def result_cache(pool: StdPool) -> dict:
 def worker_processes(pool: StdPool) -> list:
     """The pool's current worker process objects."""
     return list(pool._pool)
+
+
+def worker_handler_sentinels(pool: StdPool) -> list:
+    """What the worker handler thread waits on besides the workers (the
+    return value of ``_get_sentinels``): the pool's change notifier, which
+    ``close``, ``terminate`` and an emptied cache signal. The stdlib adds the
+    results pipe, which is readable whenever a result waits to be read: the
+    thread then loops through ``_maintain_pool`` until the result handler has
+    read it, and takes the GIL each time."""
+    return [pool._change_notifier._reader]
 
 
 def result_reader(pool: StdPool) -> Any:
@@ -374,6 +386,7 @@ def self_check() -> None:
     hooked = _HookedPool(1, context=ctx)
     try:
         assert isinstance(hooked._inqueue, TaskQueue)
+        assert hooked._get_sentinels() == [hooked._change_notifier._reader]
         assert hooked.apply(abs, (-6,)) == 6
     finally:
         hooked.terminate()
@@ -407,6 +420,9 @@ class _HookedPool(StdPool):
     def _setup_queues(self) -> None:
         super()._setup_queues()
         set_task_queue(self, _holding, _let_go)
+
+    def _get_sentinels(self) -> list:
+        return worker_handler_sentinels(self)
 
 
 if __name__ == "__main__":
