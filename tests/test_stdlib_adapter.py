@@ -4,7 +4,9 @@ without memshare installed)."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,76 @@ def test_only_the_adapter_touches_private_stdlib_names():
         text = path.read_text()
         offenders += [f"{path.name}: {name}" for name in PRIVATE_NAMES if name in text]
     assert offenders == []
+
+
+# --- the pool's task queue ---------------------------------------------------------
+
+T = 60  # seconds: the bound of every blocking call
+
+
+def _holding_queue(let_go_calls: list, let_go_event: threading.Event) -> _stdlib.TaskQueue:
+    def let_go():
+        let_go_calls.append(threading.current_thread().name)
+        let_go_event.set()
+
+    return _stdlib.TaskQueue(ctx=mp.get_context("fork"), holding=lambda: True, let_go=let_go)
+
+
+def _until_it_sleeps_on_a_futex(thread: threading.Thread) -> None:
+    """Until ``thread`` sleeps in the kernel on a futex (a lock, here) twice in
+    a row, while this thread lets it have the GIL: then it waits for the lock,
+    not for the GIL."""
+    wchan = Path(f"/proc/self/task/{thread.native_id}/wchan")
+    seen, pause = 0, threading.Event()
+    for _ in range(T * 1000):
+        seen = seen + 1 if wchan.read_text().startswith("futex") else 0
+        if seen == 2:
+            return
+        pause.wait(0.001)
+    raise AssertionError("the getter never waited for the lock")
+
+
+def _get_in_thread(queue: _stdlib.TaskQueue) -> tuple[threading.Thread, list]:
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(queue.get()), name="getter")
+    thread.start()
+    return thread, got
+
+
+@pytest.mark.parametrize("patience", [0.0, T])
+def test_a_holding_worker_lets_go_only_when_the_read_lock_stays_held(monkeypatch, patience):
+    # Another worker holds the read lock for a moment as it takes a task: a
+    # worker that waits for it no longer than READ_LOCK_PATIENCE keeps what it
+    # holds. One that waits longer lets go before it goes on waiting.
+    monkeypatch.setattr(_stdlib, "READ_LOCK_PATIENCE", patience)
+    calls: list = []
+    let_go_event = threading.Event()
+    queue = _holding_queue(calls, let_go_event)
+    try:
+        queue.put("task")  # there is a task: only the lock can make it wait
+        assert queue._rlock.acquire(timeout=T)
+        thread, got = _get_in_thread(queue)
+        if patience == 0.0:
+            assert let_go_event.wait(T), "the worker did not let go while the lock stayed held"
+        else:
+            _until_it_sleeps_on_a_futex(thread)
+        queue._rlock.release()
+        thread.join(T)
+        assert got == ["task"]
+        assert calls == (["getter"] if patience == 0.0 else [])
+    finally:
+        queue.close()
+
+
+def test_a_holding_worker_lets_go_before_it_waits_for_a_task():
+    calls: list = []
+    let_go_event = threading.Event()
+    queue = _holding_queue(calls, let_go_event)
+    try:
+        thread, got = _get_in_thread(queue)
+        assert let_go_event.wait(T), "the worker waits for a task without letting go"
+        queue.put("task")
+        thread.join(T)
+        assert got == ["task"] and calls == ["getter"]
+    finally:
+        queue.close()

@@ -38,6 +38,7 @@ from typing import Any
 __all__ = [
     "INIT",
     "OVERRIDDEN_HOOKS",
+    "READ_LOCK_PATIENCE",
     "RUN",
     "TERMINATE",
     "ApplyResult",
@@ -149,10 +150,16 @@ def set_result_getter(pool: StdPool, get: Callable[[], Any]) -> None:
     pool._quick_get = get
 
 
+#: Seconds a pool worker that holds something waits for the task queue's read
+#: lock before it lets go of what it holds (:class:`TaskQueue`).
+READ_LOCK_PATIENCE = 0.01
+
+
 class TaskQueue(_mp_queues.SimpleQueue):
     """A pool's task queue whose ``get`` (in a worker) calls ``let_go()``
-    before it waits, for the read lock (another worker waits for the next
-    task) or for a task, if ``holding()`` says the worker holds something.
+    before it waits, for the read lock (held longer than
+    ``READ_LOCK_PATIENCE``: another worker waits for the next task) or for a
+    task, if ``holding()`` says the worker holds something.
     It looks under the read lock, so a worker never waits holding it; a
     worker that holds nothing takes the stdlib's path."""
 
@@ -170,7 +177,11 @@ class TaskQueue(_mp_queues.SimpleQueue):
     def get(self):
         if not self._holding():
             return super().get()
-        if not self._rlock.acquire(False):
+        # Another worker holds the read lock for a few microseconds while it
+        # takes a task, or for as long as it waits for one; only the second
+        # is this worker's wait. (Letting go at the first made a worker reopen
+        # a call's frame and refault its blocks in the middle of the call.)
+        if not self._rlock.acquire(timeout=READ_LOCK_PATIENCE):
             self._let_go()
             self._rlock.acquire()
         try:
