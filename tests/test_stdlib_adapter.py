@@ -76,12 +76,22 @@ def test_only_the_adapter_touches_private_stdlib_names():
 T = 60  # seconds: the bound of every blocking call
 
 
-def _holding_queue(let_go_calls: list, let_go_event: threading.Event) -> _stdlib.TaskQueue:
-    def let_go():
-        let_go_calls.append(threading.current_thread().name)
-        let_go_event.set()
+class _LetGo:
+    """The ``let_go`` of a test's task queue: who called it, and when first."""
 
-    return _stdlib.TaskQueue(ctx=mp.get_context("fork"), holding=lambda: True, let_go=let_go)
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.called = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls.append(threading.current_thread().name)
+        self.called.set()
+
+
+def _holding_queue() -> tuple[_stdlib.TaskQueue, _LetGo]:
+    let_go = _LetGo()
+    queue = _stdlib.TaskQueue(ctx=mp.get_context("fork"), holding=lambda: True, let_go=let_go)
+    return queue, let_go
 
 
 def _until_it_sleeps_on_a_futex(thread: threading.Thread) -> None:
@@ -100,7 +110,8 @@ def _until_it_sleeps_on_a_futex(thread: threading.Thread) -> None:
 
 def _get_in_thread(queue: _stdlib.TaskQueue) -> tuple[threading.Thread, list]:
     got: list = []
-    thread = threading.Thread(target=lambda: got.append(queue.get()), name="getter")
+    # A daemon: a failed test must not leave the interpreter waiting for it.
+    thread = threading.Thread(target=lambda: got.append(queue.get()), name="getter", daemon=True)
     thread.start()
     return thread, got
 
@@ -111,34 +122,34 @@ def test_a_holding_worker_lets_go_only_when_the_read_lock_stays_held(monkeypatch
     # worker that waits for it no longer than READ_LOCK_PATIENCE keeps what it
     # holds. One that waits longer lets go before it goes on waiting.
     monkeypatch.setattr(_stdlib, "READ_LOCK_PATIENCE", patience)
-    calls: list = []
-    let_go_event = threading.Event()
-    queue = _holding_queue(calls, let_go_event)
+    queue, let_go = _holding_queue()
+    queue.put("task")  # there is a task: only the lock can make it wait
+    assert queue._rlock.acquire(timeout=T)
+    locked = True
     try:
-        queue.put("task")  # there is a task: only the lock can make it wait
-        assert queue._rlock.acquire(timeout=T)
         thread, got = _get_in_thread(queue)
         if patience == 0.0:
-            assert let_go_event.wait(T), "the worker did not let go while the lock stayed held"
+            assert let_go.called.wait(T), "the worker did not let go while the lock stayed held"
         else:
             _until_it_sleeps_on_a_futex(thread)
         queue._rlock.release()
+        locked = False
         thread.join(T)
         assert got == ["task"]
-        assert calls == (["getter"] if patience == 0.0 else [])
+        assert let_go.calls == (["getter"] if patience == 0.0 else [])
     finally:
+        if locked:
+            queue._rlock.release()
         queue.close()
 
 
 def test_a_holding_worker_lets_go_before_it_waits_for_a_task():
-    calls: list = []
-    let_go_event = threading.Event()
-    queue = _holding_queue(calls, let_go_event)
+    queue, let_go = _holding_queue()
     try:
         thread, got = _get_in_thread(queue)
-        assert let_go_event.wait(T), "the worker waits for a task without letting go"
+        assert let_go.called.wait(T), "the worker waits for a task without letting go"
         queue.put("task")
         thread.join(T)
-        assert got == ["task"] and calls == ["getter"]
+        assert got == ["task"] and let_go.calls == ["getter"]
     finally:
         queue.close()
