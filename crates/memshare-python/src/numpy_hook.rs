@@ -72,7 +72,9 @@ struct HandlerBox {
 
 /// Maps a block's pages into this process in one system call instead of one
 /// page fault per page on first touch (a recycled block another process
-/// used is new to this one). Best effort: older kernels refuse, nothing breaks.
+/// used is new to this one). Skipped for a block whose pages this process
+/// still maps ([`memshare::Block::pages_mapped`]). Best effort: older kernels
+/// refuse, nothing breaks.
 pub(crate) fn prefault(ptr: *mut u8, len: usize) {
     // SAFETY: the range is a live block of a shared mapping of this process.
     unsafe { memshare::sys::prefault_write(ptr, len) };
@@ -98,6 +100,9 @@ static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 static ARENA_ALLOCS: AtomicU64 = AtomicU64::new(0);
 /// Large allocations that the arena refused (served by the small allocator).
 static ARENA_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+/// Arena allocations whose pages were populated ahead of numpy's writes
+/// (the others' pages were still mapped in this process).
+static POPULATED_AHEAD: AtomicU64 = AtomicU64::new(0);
 
 fn live() -> MutexGuard<'static, HashMap<usize, usize>> {
     LIVE.get_or_init(|| Mutex::new(HashMap::new()))
@@ -154,8 +159,12 @@ fn arena_alloc(size: usize) -> Option<*mut c_void> {
         crate::without_gil(|| {
             let arena = memshare::home().ok()?;
             let block = arena.alloc(size, false).ok()?;
+            let mapped = block.pages_mapped();
             let p = block.into_raw();
-            prefault(p, size);
+            if !mapped {
+                prefault(p, size);
+                POPULATED_AHEAD.fetch_add(1, Ordering::Relaxed);
+            }
             Some(p as usize)
         })
         .map(|p| p as *mut u8)
@@ -488,6 +497,7 @@ fn numpy_allocator_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("arena_allocations", ARENA_ALLOCS.load(Ordering::Relaxed))?;
     d.set_item("arena_fallbacks", ARENA_FALLBACKS.load(Ordering::Relaxed))?;
+    d.set_item("populated_ahead", POPULATED_AHEAD.load(Ordering::Relaxed))?;
     d.set_item("live_blocks", LIVE_COUNT.load(Ordering::Acquire))?;
     d.set_item("live_bytes", LIVE_BYTES.load(Ordering::Acquire))?;
     Ok(d)

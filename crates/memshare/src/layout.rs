@@ -21,7 +21,7 @@ use crate::sys::MUTEX_BYTES;
 pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"MSHRCTL\0");
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"MSHRSEG\0");
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"MSBK");
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Payloads are aligned to a cache line (and to every numpy dtype).
 pub const ALIGN: u64 = 64;
@@ -333,11 +333,14 @@ pub struct BlockHeader {
     pub dirty: u64,
     /// While FREE: when the block was last freed or merged (monotonic ns).
     pub freed_ns: u64,
-    /// The process slot, plus one, that allocated the block last (0: none
-    /// yet). Its pages are in that process's page tables: a large allocation
-    /// of the same slot prefers it, and writes it without page faults.
+    /// The process slot, plus one, that allocated all of the block last (0:
+    /// none yet, or parts of it by different processes). Its pages are in
+    /// that process's page tables: a large allocation of the same slot
+    /// prefers it, and writes it without page faults.
     pub writer: u32,
-    pub _pad: u32,
+    /// The epoch of `writer`'s slot then: a later occupant of the slot has
+    /// none of the block's pages mapped.
+    pub writer_epoch: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<SegHeader>() as u64 == SEG_HEADER);

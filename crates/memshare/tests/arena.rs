@@ -122,6 +122,103 @@ fn freed_memory_is_recycled() {
     );
 }
 
+/// Above the per-process cache's 64 MiB: freed blocks go to the shared heap.
+const UNCACHED: usize = 80 << 20;
+
+#[test]
+fn a_block_this_process_wrote_last_is_known_to_have_its_pages_mapped() {
+    let dir = TestDir::new("mapped");
+    let arena = Arena::create(&dir.0).unwrap();
+    let fresh = arena.alloc(UNCACHED, false).unwrap();
+    assert!(
+        !fresh.pages_mapped(),
+        "a new segment is new to this process"
+    );
+    let addr = fresh.as_ptr();
+    drop(fresh);
+    let again = arena.alloc(UNCACHED, false).unwrap();
+    assert_eq!(again.as_ptr(), addr);
+    assert!(again.pages_mapped(), "this process allocated it last");
+    drop(again);
+    let smaller = arena.alloc(UNCACHED - (1 << 20), false).unwrap();
+    assert_eq!(smaller.as_ptr(), addr);
+    assert!(smaller.pages_mapped(), "within what was allocated last");
+    drop(smaller);
+    let larger = arena.alloc(UNCACHED - 4096, false).unwrap();
+    assert_eq!(larger.as_ptr(), addr);
+    assert!(!larger.pages_mapped(), "beyond the bytes allocated last");
+}
+
+#[test]
+fn a_block_from_the_cache_is_known_to_have_its_pages_mapped() {
+    let dir = TestDir::new("cached");
+    let arena = Arena::create(&dir.0).unwrap();
+    let n = 8 << 20; // under the cache's 64 MiB
+    let first = arena.alloc(n, false).unwrap();
+    assert!(!first.pages_mapped());
+    let addr = first.as_ptr();
+    drop(first);
+    let again = arena.alloc(n - 4096, false).unwrap();
+    assert_eq!(again.as_ptr(), addr, "from this process's cache");
+    assert!(again.pages_mapped(), "within what was allocated last");
+    drop(again);
+    let larger = arena.alloc(n, false).unwrap();
+    assert_eq!(larger.as_ptr(), addr, "from this process's cache");
+    assert!(!larger.pages_mapped(), "beyond the bytes allocated last");
+}
+
+#[test]
+fn a_block_whose_pages_were_given_back_is_not_known_to_be_mapped() {
+    let dir = TestDir::new("punched");
+    let arena = Arena::create(&dir.0).unwrap();
+    let first = arena.alloc(UNCACHED, false).unwrap();
+    let addr = first.as_ptr();
+    drop(first);
+    // Growing by a block the free one cannot serve, under a limit that
+    // leaves no room for both, gives the free block's pages back first.
+    arena.set_limit(2 * UNCACHED as u64 + (8 << 20)).unwrap();
+    let big = arena.alloc(2 * UNCACHED, false).unwrap();
+    drop(big);
+    let again = arena.alloc(UNCACHED, false).unwrap();
+    assert_eq!(again.as_ptr(), addr, "the block this process wrote last");
+    assert!(!again.pages_mapped(), "its pages were punched meanwhile");
+}
+
+/// Child half of `a_block_another_process_wrote_last_is_not_known_to_be_mapped`.
+#[test]
+fn child_takes_the_free_block() {
+    let Ok(token) = std::env::var("MEMSHARE_TEST_TAKE") else {
+        return;
+    };
+    let dir = std::env::var("MEMSHARE_DIR").unwrap();
+    let token = memshare::arena::parse_hex(&token).unwrap();
+    let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
+    let reserved = arena.stats().unwrap().bytes_reserved;
+    let b = arena.alloc(UNCACHED, false).unwrap();
+    assert!(!b.pages_mapped(), "another process allocated it last");
+    assert_eq!(arena.stats().unwrap().bytes_reserved, reserved, "no growth");
+}
+
+#[test]
+fn a_block_another_process_wrote_last_is_not_known_to_be_mapped() {
+    let dir = TestDir::new("taken");
+    let arena = Arena::create(&dir.0).unwrap();
+    let mine = arena.alloc(UNCACHED, false).unwrap();
+    let addr = mine.as_ptr();
+    drop(mine);
+    assert!(run_child(
+        "child_takes_the_free_block",
+        &dir,
+        ("MEMSHARE_TEST_TAKE", hex(&arena.token()))
+    ));
+    let again = arena.alloc(UNCACHED, false).unwrap();
+    assert_eq!(again.as_ptr(), addr);
+    assert!(
+        !again.pages_mapped(),
+        "the child allocated it after this process"
+    );
+}
+
 #[test]
 fn handles_roundtrip_and_pin() {
     let dir = TestDir::new("handles");

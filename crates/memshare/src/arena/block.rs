@@ -19,6 +19,8 @@ pub struct Block {
     pub(super) len: usize,
     pub(super) capacity: usize,
     pub(super) readonly: bool,
+    /// See [`Block::pages_mapped`].
+    pub(super) pages_mapped: bool,
 }
 
 // SAFETY: a Block is a counted reference to shared memory that stays mapped
@@ -31,6 +33,18 @@ unsafe impl Sync for Block {}
 impl Block {
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
+    }
+
+    /// True if [`Arena::alloc`](super::Arena::alloc) gave this process a
+    /// block that it allocated last, for at least as many bytes, with none
+    /// of its pages given back since: they are still in this process's page
+    /// tables, so populating them ahead of a write
+    /// ([`crate::sys::prefault_write`]) would only walk them (some 5 ms per
+    /// 200 MB). False when not known: a block new to this process, and
+    /// every block opened from a handle. (That the last allocation wrote its
+    /// bytes is assumed: if not, writing this one faults its pages in.)
+    pub fn pages_mapped(&self) -> bool {
+        self.pages_mapped
     }
 
     /// Bytes requested at allocation.

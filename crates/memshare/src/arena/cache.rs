@@ -108,6 +108,8 @@ pub(super) struct CachedBlock {
     pub(super) generation: u64,
     pub(super) ptr: usize,
     pub(super) size: u64,
+    /// Bytes asked for when this process allocated it last.
+    pub(super) len: u64,
     pub(super) readonly: bool,
     /// When it was cached (monotonic ns), for the idle flush.
     pub(super) cached_ns: u64,
@@ -237,6 +239,7 @@ mod tests {
             generation: i,
             ptr: i as usize,
             size,
+            len: size,
             readonly: false,
             cached_ns: at,
         }

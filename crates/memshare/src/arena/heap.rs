@@ -36,6 +36,16 @@ const WRITER_AFFINITY_MIN: u64 = 4 << 20;
 /// How often an allocation (or the decay thread) checks for dead processes.
 pub(super) const REAP_INTERVAL_NS: u64 = 1_000_000_000;
 
+/// A block just allocated, held by this process.
+pub(super) struct Allocated {
+    pub(super) bref: BlockRef,
+    pub(super) generation: u64,
+    /// This process allocated all of the block last, for at least `len`
+    /// bytes, and none of its pages were given back since: they are still in
+    /// this process's page tables, so writing them faults nothing in.
+    pub(super) pages_mapped: bool,
+}
+
 impl Txn<'_> {
     pub(super) fn bin_insert(&mut self, r: BlockRef) -> Result<()> {
         let size = self.hdr(r)?.size;
@@ -85,6 +95,7 @@ impl Txn<'_> {
         h.dirty = size;
         h.freed_ns = sys::monotonic_ns();
         h.writer = 0;
+        h.writer_epoch = 0;
         Ok(())
     }
 
@@ -103,9 +114,9 @@ impl Txn<'_> {
         let mut holes_ok = true;
         loop {
             let prefer = if size >= WRITER_AFFINITY_MIN {
-                self.local.slot + 1
+                self.writer_tag()
             } else {
-                0
+                (0, 0)
             };
             let Some(r) = self.best_fit(size, holes_ok, prefer)? else {
                 return Ok(None);
@@ -130,12 +141,22 @@ impl Txn<'_> {
         }
     }
 
+    /// This process's `(writer, writer_epoch)` tag for block headers.
+    fn writer_tag(&self) -> (u32, u32) {
+        (self.local.slot + 1, self.local.epoch)
+    }
+
     /// The smallest free block of the first bin that has one of at least
-    /// `size` bytes; but one that `prefer` (a slot plus one, 0: none) wrote
-    /// last if there is one at most a quarter larger, as its pages are
-    /// already in that process's page tables (a fresh 200 MB block costs
-    /// 51,200 page faults to write, some 100 ms on a virtual machine).
-    fn best_fit(&mut self, size: u64, holes_ok: bool, prefer: u32) -> Result<Option<BlockRef>> {
+    /// `size` bytes; but one that `prefer` (a [`Txn::writer_tag`], writer 0:
+    /// none) wrote last if there is one at most a quarter larger, as its
+    /// pages are already in that process's page tables (a fresh 200 MB block
+    /// costs 51,200 page faults to write, some 100 ms on a virtual machine).
+    fn best_fit(
+        &mut self,
+        size: u64,
+        holes_ok: bool,
+        prefer: (u32, u32),
+    ) -> Result<Option<BlockRef>> {
         let near = size.saturating_add(size / 4);
         for b in bin_of(size)..NBINS {
             let mut cur = self.ctl.bins[b];
@@ -145,14 +166,14 @@ impl Txn<'_> {
             while !cur.is_nil() && seen < 64 {
                 let h = self.hdr(cur)?;
                 let usable = (holes_ok || h.flags & BLOCK_HOLES == 0) && h.size >= size;
-                let ours = prefer != 0 && h.writer == prefer && h.size <= near;
+                let ours = prefer.0 != 0 && (h.writer, h.writer_epoch) == prefer && h.size <= near;
                 if usable && ours && h.size < mine_size {
                     (mine, mine_size) = (cur, h.size);
                 }
                 if usable && h.size < best_size {
                     (best, best_size) = (cur, h.size);
                 }
-                if usable && h.size == size && (prefer == 0 || ours) {
+                if usable && h.size == size && (prefer.0 == 0 || ours) {
                     break;
                 }
                 cur = h.free_next;
@@ -172,9 +193,16 @@ impl Txn<'_> {
     /// written before the head shrinks, so a walk is consistent throughout.
     /// The tail keeps what is known of its pages: holes, dirt and age.
     fn split(&mut self, r: BlockRef, size: u64) -> Result<()> {
-        let (total, flags, dirty, freed_ns, writer) = {
+        let (total, flags, dirty, freed_ns, writer, writer_epoch) = {
             let h = self.hdr(r)?;
-            (h.size, h.flags, h.dirty, h.freed_ns, h.writer)
+            (
+                h.size,
+                h.flags,
+                h.dirty,
+                h.freed_ns,
+                h.writer,
+                h.writer_epoch,
+            )
         };
         if total - size < SPLIT_MIN {
             return Ok(());
@@ -188,6 +216,7 @@ impl Txn<'_> {
             t.dirty = dirty.min(tail_size);
             t.freed_ns = freed_ns;
             t.writer = writer;
+            t.writer_epoch = writer_epoch;
         }
         self.set_prev_size_after(tail, tail_size)?;
         self.hdr(r)?.size = size;
@@ -284,9 +313,8 @@ impl Txn<'_> {
         }
     }
 
-    /// Allocates a block of `len` bytes held by this process. Returns its
-    /// reference and generation.
-    pub(super) fn alloc(&mut self, len: u64, flags: u32) -> Result<(BlockRef, u64)> {
+    /// Allocates a block of `len` bytes held by this process.
+    pub(super) fn alloc(&mut self, len: u64, flags: u32) -> Result<Allocated> {
         let size = payload_size(len);
         // The limit caps the bytes of live blocks (with room for their
         // rounding to whole pages: a block keeps a remainder too small to split).
@@ -321,12 +349,17 @@ impl Txn<'_> {
         self.mark_live(r, len, flags)
     }
 
-    fn mark_live(&mut self, r: BlockRef, len: u64, flags: u32) -> Result<(BlockRef, u64)> {
+    fn mark_live(&mut self, r: BlockRef, len: u64, flags: u32) -> Result<Allocated> {
         self.ctl.next_generation += 1;
         let generation = self.ctl.next_generation;
         let slot = self.local.slot as usize;
         let child = self.local.fork.as_ref().map(|f| f.slot as usize);
+        let tag = self.writer_tag();
         let h = self.hdr(r)?;
+        // `h.len` is still what the last allocation asked for (0 for a piece
+        // split off a block): the bytes its writer touched.
+        let pages_mapped =
+            (h.writer, h.writer_epoch) == tag && h.flags & BLOCK_HOLES == 0 && len <= h.len;
         h.state = BLOCK_LIVE;
         h.generation = generation;
         h.len = len;
@@ -336,7 +369,7 @@ impl Txn<'_> {
         h.free_prev = BlockRef::NIL;
         h.holders = [0; HOLDER_WORDS];
         h.holders[slot / 64] |= 1 << (slot % 64);
-        h.writer = slot as u32 + 1;
+        (h.writer, h.writer_epoch) = tag;
         // A child about to be forked holds what this process holds.
         if let Some(c) = child {
             h.holders[c / 64] |= 1 << (c % 64);
@@ -344,7 +377,11 @@ impl Txn<'_> {
         let size = h.size;
         self.ctl.bytes_in_use += size;
         self.ctl.live_blocks += 1;
-        Ok((r, generation))
+        Ok(Allocated {
+            bref: r,
+            generation,
+            pages_mapped,
+        })
     }
 
     /// Returns a block to the free lists, merging it with free neighbours.
@@ -400,14 +437,18 @@ impl Txn<'_> {
     /// header), and the later free time (a merged block is as fresh as its
     /// freshest part, so a block in use a moment ago stays warm).
     pub(super) fn absorb(&mut self, a: BlockRef, b: BlockRef) -> Result<()> {
-        let (bflags, bdirty, bfreed) = {
+        let (bflags, bdirty, bfreed, bwriter) = {
             let h = self.hdr(b)?;
-            (h.flags, h.dirty, h.freed_ns)
+            (h.flags, h.dirty, h.freed_ns, (h.writer, h.writer_epoch))
         };
         let h = self.hdr(a)?;
         h.flags |= bflags & BLOCK_HOLES;
         h.dirty += bdirty + BLOCK_HEADER;
         h.freed_ns = h.freed_ns.max(bfreed);
+        // Parts written last by different processes: no process has it all.
+        if (h.writer, h.writer_epoch) != bwriter {
+            (h.writer, h.writer_epoch) = (0, 0);
+        }
         Ok(())
     }
 }

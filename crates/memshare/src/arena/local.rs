@@ -20,6 +20,8 @@ pub(super) struct LocalRef {
     pub(super) bref: BlockRef,
     pub(super) generation: u64,
     pub(super) size: u64,
+    /// Bytes asked for when this process allocated it (0: opened).
+    pub(super) len: u64,
     pub(super) count: usize,
     pub(super) readonly: bool,
     /// Stops the background populating of this block (see `prefault`) when
@@ -168,6 +170,7 @@ impl Arena {
             len: entry.size as usize,
             capacity: entry.size as usize,
             readonly: entry.readonly,
+            pages_mapped: false,
         };
         Some((block, addr - start))
     }
@@ -200,6 +203,7 @@ impl Arena {
             generation,
             ptr: addr,
             size: e.size,
+            len: e.len,
             readonly: e.readonly,
             cached_ns: sys::monotonic_ns(),
         };

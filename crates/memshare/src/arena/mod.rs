@@ -307,7 +307,7 @@ impl Arena {
         // A block this process freed while it alone held it: no lock.
         if local.fork.is_none() {
             if let Some(c) = local.cache.take(payload_size(len as u64), readonly) {
-                return Ok(self.hand_out(
+                let mut block = self.hand_out(
                     &mut local,
                     c.bref,
                     c.generation,
@@ -316,19 +316,33 @@ impl Arena {
                     len,
                     readonly,
                     true,
-                ));
+                );
+                // Only blocks this process allocated are cached.
+                block.pages_mapped = len as u64 <= c.len;
+                return Ok(block);
             }
         }
-        let (r, generation, ptr, size) = {
+        let (a, ptr, size) = {
             let mut txn = self.inner.txn(&mut local)?;
-            let (r, generation) = txn.alloc(len as u64, flags)?;
-            let ptr = txn.payload_ptr(r)?;
-            let size = txn.hdr(r)?.size;
-            (r, generation, ptr, size)
+            let a = txn.alloc(len as u64, flags)?;
+            let ptr = txn.payload_ptr(a.bref)?;
+            let size = txn.hdr(a.bref)?.size;
+            (a, ptr, size)
         };
         // While a fork is prepared, the child holds what we allocate.
         let private = local.fork.is_none();
-        Ok(self.hand_out(&mut local, r, generation, ptr, size, len, readonly, private))
+        let mut block = self.hand_out(
+            &mut local,
+            a.bref,
+            a.generation,
+            ptr,
+            size,
+            len,
+            readonly,
+            private,
+        );
+        block.pages_mapped = a.pages_mapped;
+        Ok(block)
     }
 
     /// Records a block just allocated (or taken from the cache) as this
@@ -351,6 +365,7 @@ impl Arena {
                 bref: r,
                 generation,
                 size,
+                len: len as u64,
                 count: 1,
                 readonly,
                 prefault: None,
@@ -366,6 +381,7 @@ impl Arena {
             len,
             capacity: size as usize,
             readonly,
+            pages_mapped: false,
         }
     }
 
@@ -401,6 +417,7 @@ impl Arena {
             bref: r,
             generation: h.generation,
             size,
+            len: 0,
             count: 0,
             readonly: flags & BLOCK_READONLY != 0,
             prefault: seg.and_then(|m| prefault::populate_soon(m, ptr as usize, h.len as usize)),
@@ -416,6 +433,7 @@ impl Arena {
             len: h.len as usize,
             capacity: size as usize,
             readonly: flags & BLOCK_READONLY != 0,
+            pages_mapped: false,
         })
     }
 
