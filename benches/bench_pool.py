@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+import time
 import warnings
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benches"))
 import class_attribute
 import convolution
 import outer_product
-from _util import REPEAT, conditions, measure_interleaved, spread, table
+from _util import REPEAT, conditions, measure_interleaved, spread, summary, table
 
 import memshare as ms
 
@@ -172,6 +173,88 @@ def bench_outer_product(tasks: int = 24) -> str:
     )
 
 
+# --- what a 200 MB result costs on each kind of page ------------------------------------
+
+
+def _setting(name: str) -> str:
+    """The selected value of a transparent_hugepage setting, e.g. ``never``."""
+    try:
+        with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
+
+
+def bench_result_pages(repeat: int = REPEAT) -> str:
+    """One result of workload (a), ``np.outer`` of two 5000-vectors (200 MB),
+    made in fresh private memory (the loop's case: numpy gives each array of
+    this size back to the OS when it is freed), in fresh shared memory (a
+    new arena segment: every result before it is still held), in a recycled
+    shared block, and then summed, as the parent of workload (a) does."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random(5000), rng.random(5000)
+    times: dict[str, list[float]] = {k: [] for k in ("private", "fresh", "recycled")}
+    sums: dict[str, list[float]] = {"private": [], "shared": []}
+    held = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        private_result = np.outer(a, b)
+        times["private"].append(time.perf_counter() - t0)
+        with ms.allocate_in_shared_memory():
+            t0 = time.perf_counter()
+            held.append(np.outer(a, b))  # every block before it is held: a new segment
+            times["fresh"].append(time.perf_counter() - t0)
+        assert ms.is_shared(held[-1]) and not ms.is_shared(private_result)
+        for name, arr in (("private", private_result), ("shared", held[-1])):
+            arr.sum()  # the second pass is timed: what the cache kept of the writes is gone
+            t0 = time.perf_counter()
+            arr.sum()
+            sums[name].append(time.perf_counter() - t0)
+        del private_result
+    del held[:]  # free blocks this process allocated last: the recycled case
+    for _ in range(repeat):
+        with ms.allocate_in_shared_memory():
+            t0 = time.perf_counter()
+            r = np.outer(a, b)
+            times["recycled"].append(time.perf_counter() - t0)
+        del r
+    made = {k: summary(v) for k, v in times.items()}
+    summed = {k: summary(v) for k, v in sums.items()}
+    rows = [
+        [
+            "private numpy array (transparent huge pages)",
+            spread(made["private"]),
+            "n/a",
+            spread(summed["private"]),
+            "1.00x",
+        ],
+        [
+            "memshare block (4 KiB pages)",
+            spread(made["fresh"]),
+            spread(made["recycled"]),
+            spread(summed["shared"]),
+            f"{summed['shared'][0] / summed['private'][0]:.2f}x",
+        ],
+    ]
+    return table(
+        f"One 200 MB result of workload (a) by kind of page: np.outer made into fresh and "
+        f"recycled memory, then summed (median [min-max] of {repeat}). Transparent huge "
+        f"pages: {_setting('enabled')} (numpy asks for them), shmem_enabled: "
+        f"{_setting('shmem_enabled')}",
+        ["memory", "made fresh", "made recycled", "summed", "sum vs private"],
+        rows,
+    ) + (
+        "\nThe loop of workload (a) makes every result in fresh private memory; "
+        "memshare's workers make theirs in fresh shared memory until blocks recycle, "
+        "then in recycled blocks, and the parent sums each one. The sum is slower on "
+        "4 KiB pages (a TLB miss every 4 KiB instead of every 2 MiB). Where shared "
+        "memory gets huge pages (`shmem_enabled`, or `MEMSHARE_DIR` on a tmpfs mounted "
+        "`huge=`), reading it is as fast as reading private memory: see the huge-page "
+        "row of the first-read table (bench_array).\n"
+    )
+
+
 # --- arena-lock acquisitions per task of workload (a) ----------------------------------
 
 _BARRIER = None
@@ -311,6 +394,7 @@ def main() -> None:
     for bench in (
         bench_tiny_tasks,
         bench_outer_product,
+        bench_result_pages,
         bench_lock_traffic,
         bench_convolution,
         bench_class_attribute,
