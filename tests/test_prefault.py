@@ -82,6 +82,7 @@ def _present_pages(arr: np.ndarray) -> tuple[int, int]:
 
 def _reallocates_without_populating_again() -> None:
     n = (80 << 20) // 8  # above the per-process cache: freed to the shared heap
+    ms.set_retain(1 << 40)  # a stall of 5 s after the free must not punch its pages
     with ms.allocate_in_shared_memory():
         before = _native.numpy_allocator_stats()["populated_ahead"]
         first = np.empty(n)  # written by nobody: present pages come from the hook

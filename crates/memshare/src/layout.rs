@@ -333,10 +333,10 @@ pub struct BlockHeader {
     pub dirty: u64,
     /// While FREE: when the block was last freed or merged (monotonic ns).
     pub freed_ns: u64,
-    /// The process slot, plus one, that allocated all of the block last (0:
-    /// none yet, or parts of it by different processes). Its pages are in
-    /// that process's page tables: a large allocation of the same slot
-    /// prefers it, and writes it without page faults.
+    /// The process slot, plus one, that allocated the block (or, after a
+    /// merge, its first part) last, for `len` bytes (0: none yet). Those
+    /// pages are in that process's page tables: a large allocation of the
+    /// same slot prefers the block, and writes them without page faults.
     pub writer: u32,
     /// The epoch of `writer`'s slot then: a later occupant of the slot has
     /// none of the block's pages mapped.

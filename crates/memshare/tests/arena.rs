@@ -125,10 +125,19 @@ fn freed_memory_is_recycled() {
 /// Above the per-process cache's 64 MiB: freed blocks go to the shared heap.
 const UNCACHED: usize = 80 << 20;
 
+/// An arena whose free blocks are never given back by the decay thread:
+/// a test that sleeps 5 s between a free and the next allocation on a
+/// loaded machine must still get the block with its pages.
+fn arena_that_keeps_free_pages(dir: &TestDir) -> Arena {
+    let arena = Arena::create(&dir.0).unwrap();
+    arena.set_retain(u64::MAX).unwrap();
+    arena
+}
+
 #[test]
 fn a_block_this_process_wrote_last_is_known_to_have_its_pages_mapped() {
     let dir = TestDir::new("mapped");
-    let arena = Arena::create(&dir.0).unwrap();
+    let arena = arena_that_keeps_free_pages(&dir);
     let fresh = arena.alloc(UNCACHED, false).unwrap();
     assert!(
         !fresh.pages_mapped(),
@@ -152,12 +161,16 @@ fn a_block_this_process_wrote_last_is_known_to_have_its_pages_mapped() {
 #[test]
 fn a_block_from_the_cache_is_known_to_have_its_pages_mapped() {
     let dir = TestDir::new("cached");
-    let arena = Arena::create(&dir.0).unwrap();
+    let arena = arena_that_keeps_free_pages(&dir);
     let n = 8 << 20; // under the cache's 64 MiB
     let first = arena.alloc(n, false).unwrap();
     assert!(!first.pages_mapped());
     let addr = first.as_ptr();
     drop(first);
+    assert!(
+        arena.stats().unwrap().cached_bytes > 0,
+        "kept in this process's cache"
+    );
     let again = arena.alloc(n - 4096, false).unwrap();
     assert_eq!(again.as_ptr(), addr, "from this process's cache");
     assert!(again.pages_mapped(), "within what was allocated last");
@@ -193,24 +206,32 @@ fn child_takes_the_free_block() {
     let dir = std::env::var("MEMSHARE_DIR").unwrap();
     let token = memshare::arena::parse_hex(&token).unwrap();
     let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
+    // The parent holds slot 0: every child, one after the other, takes slot 1.
+    assert_eq!(arena.my_slot(), 1);
     let reserved = arena.stats().unwrap().bytes_reserved;
     let b = arena.alloc(UNCACHED, false).unwrap();
-    assert!(!b.pages_mapped(), "another process allocated it last");
+    assert!(
+        !b.pages_mapped(),
+        "another process (or an earlier occupant of this slot) allocated it last"
+    );
     assert_eq!(arena.stats().unwrap().bytes_reserved, reserved, "no growth");
 }
 
 #[test]
 fn a_block_another_process_wrote_last_is_not_known_to_be_mapped() {
     let dir = TestDir::new("taken");
-    let arena = Arena::create(&dir.0).unwrap();
+    let arena = arena_that_keeps_free_pages(&dir);
     let mine = arena.alloc(UNCACHED, false).unwrap();
     let addr = mine.as_ptr();
     drop(mine);
-    assert!(run_child(
-        "child_takes_the_free_block",
-        &dir,
-        ("MEMSHARE_TEST_TAKE", hex(&arena.token()))
-    ));
+    // The second child gets the slot the first had, with the next epoch.
+    for _ in 0..2 {
+        assert!(run_child(
+            "child_takes_the_free_block",
+            &dir,
+            ("MEMSHARE_TEST_TAKE", hex(&arena.token()))
+        ));
+    }
     let again = arena.alloc(UNCACHED, false).unwrap();
     assert_eq!(again.as_ptr(), addr);
     assert!(

@@ -360,6 +360,9 @@ impl Txn<'_> {
         // split off a block): the bytes its writer touched.
         let pages_mapped =
             (h.writer, h.writer_epoch) == tag && h.flags & BLOCK_HOLES == 0 && len <= h.len;
+        // The writer before the length: a crash in between must not leave the
+        // last writer's mark on a length another process asked for.
+        (h.writer, h.writer_epoch) = tag;
         h.state = BLOCK_LIVE;
         h.generation = generation;
         h.len = len;
@@ -369,7 +372,6 @@ impl Txn<'_> {
         h.free_prev = BlockRef::NIL;
         h.holders = [0; HOLDER_WORDS];
         h.holders[slot / 64] |= 1 << (slot % 64);
-        (h.writer, h.writer_epoch) = tag;
         // A child about to be forked holds what this process holds.
         if let Some(c) = child {
             h.holders[c / 64] |= 1 << (c % 64);
@@ -436,19 +438,17 @@ impl Txn<'_> {
     /// which is about to take `b` in: holes, committed bytes (with `b`'s
     /// header), and the later free time (a merged block is as fresh as its
     /// freshest part, so a block in use a moment ago stays warm).
+    /// `a` keeps its writer and length: they describe its first bytes, which
+    /// the merged block starts with.
     pub(super) fn absorb(&mut self, a: BlockRef, b: BlockRef) -> Result<()> {
-        let (bflags, bdirty, bfreed, bwriter) = {
+        let (bflags, bdirty, bfreed) = {
             let h = self.hdr(b)?;
-            (h.flags, h.dirty, h.freed_ns, (h.writer, h.writer_epoch))
+            (h.flags, h.dirty, h.freed_ns)
         };
         let h = self.hdr(a)?;
         h.flags |= bflags & BLOCK_HOLES;
         h.dirty += bdirty + BLOCK_HEADER;
         h.freed_ns = h.freed_ns.max(bfreed);
-        // Parts written last by different processes: no process has it all.
-        if (h.writer, h.writer_epoch) != bwriter {
-            (h.writer, h.writer_epoch) = (0, 0);
-        }
         Ok(())
     }
 }
