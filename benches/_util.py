@@ -111,3 +111,13 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> str:
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     lines += ["", f"_load average {load():.2f} on {os.cpu_count()} cores when done_"]
     return "\n".join(lines) + "\n"
+
+
+def thp_setting(name: str) -> str:
+    """The selected value of a transparent_hugepage setting, e.g. ``never``."""
+    try:
+        with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import REPEAT, conditions, fmt_time, measure, spread, summary, table
+from _util import REPEAT, conditions, fmt_time, measure, spread, summary, table, thp_setting
 
 import memshare as ms
 
@@ -227,9 +227,7 @@ def bench_first_read() -> str:
             os.rmdir(huge)
     if not huge:
         rows.append(["huge pages", "not measured", why, ""])
-    with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
-        shmem = f.read().strip()
-    shmem = shmem[shmem.find("[") + 1 : shmem.find("]")] if "[" in shmem else shmem
+    shmem = thp_setting("shmem_enabled")
     return table(
         f"A worker's first full read (sum) of a received 1 GiB array vs a warm private read "
         f"(median [min-max] of {reps}; goal: at most 1.15x). shmem_enabled: {shmem}",

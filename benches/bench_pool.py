@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benches"))
 import class_attribute
 import convolution
 import outer_product
-from _util import REPEAT, conditions, measure_interleaved, spread, summary, table
+from _util import REPEAT, conditions, measure_interleaved, spread, summary, table, thp_setting
 
 import memshare as ms
 
@@ -176,16 +176,6 @@ def bench_outer_product(tasks: int = 24) -> str:
 # --- what a 200 MB result costs on each kind of page ------------------------------------
 
 
-def _setting(name: str) -> str:
-    """The selected value of a transparent_hugepage setting, e.g. ``never``."""
-    try:
-        with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
-            text = f.read()
-    except OSError:
-        return "unknown"
-    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
-
-
 def bench_result_pages(repeat: int = REPEAT) -> str:
     """One result of workload (a), ``np.outer`` of two 5000-vectors (200 MB),
     made in fresh private memory (the loop's case: numpy gives each array of
@@ -240,8 +230,8 @@ def bench_result_pages(repeat: int = REPEAT) -> str:
     return table(
         f"One 200 MB result of workload (a) by kind of page: np.outer made into fresh and "
         f"recycled memory, then summed (median [min-max] of {repeat}). Transparent huge "
-        f"pages: {_setting('enabled')} (numpy asks for them), shmem_enabled: "
-        f"{_setting('shmem_enabled')}",
+        f"pages: {thp_setting('enabled')} (numpy asks for them), shmem_enabled: "
+        f"{thp_setting('shmem_enabled')}",
         ["memory", "made fresh", "made recycled", "summed", "sum vs private"],
         rows,
     ) + (
