@@ -9,6 +9,7 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -563,6 +564,40 @@ def test_killed_worker_memory_is_reclaimed():
         with pytest.raises(WorkerLostError):
             pool.apply(hold_then_die, (arr,))
     # the autouse fixture checks that nothing (pins, blocks) is left
+
+
+def _die_holding_the_results_lock():
+    # The stdlib's worker loop holds the results queue as a local.
+    frame = sys._getframe()
+    while frame is not None and "outqueue" not in frame.f_locals:
+        frame = frame.f_back
+    frame.f_locals["outqueue"]._wlock.acquire()  # as while sending a result
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_terminate_frees_the_results_lock_a_worker_died_holding():
+    """A worker killed just after it sent a result still holds the results
+    queue's write lock. If the pool has not noticed the death when terminate
+    starts (here: it is told that it is terminating before the death, as
+    terminate tells it first), the stdlib's terminate waited for that lock
+    forever; memshare's stops the workers first and frees it."""
+    pool = Pool(1, context=mp.get_context("fork"))
+    lock = pool._outqueue._wlock
+    stopper = threading.Thread(target=pool.terminate, daemon=True)
+    try:
+        pool._health.terminating = True  # the death is not reported
+        (worker,) = _pool._stdlib.worker_processes(pool)
+        pool.apply_async(_die_holding_the_results_lock)
+        worker.join(T)
+        assert worker.exitcode == -signal.SIGKILL
+        assert not lock.acquire(timeout=0.1), "the dead worker holds the lock"
+        stopper.start()
+        stopper.join(T)
+        assert not stopper.is_alive(), "terminate waited for the dead worker's lock"
+    finally:
+        if stopper.is_alive():
+            lock.release()  # let the stuck terminate finish
+            stopper.join(T)
 
 
 def test_killed_worker_executor_raises_broken_pool(ctx):

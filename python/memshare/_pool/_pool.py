@@ -237,8 +237,10 @@ class Pool(_stdlib.StdPool):
     def terminate(self) -> None:
         """Stops the workers at once; pending calls never complete."""
         self._health.terminating = True
-        if self._health.broken is not None:
-            self._unwedge()
+        # The workers stop before the stdlib's terminate writes to the queues:
+        # one may have died holding a queue lock a moment ago, before the pool
+        # noticed, and that write would wait for the lock forever.
+        self._unwedge(gently=self._health.broken is None)
         super().terminate()
         self._drain_results()
         try:
@@ -246,15 +248,21 @@ class Pool(_stdlib.StdPool):
         except Exception:
             pass
 
-    def _unwedge(self) -> None:
-        """A dead worker may have died holding a queue lock (or mid-message):
-        stop the workers first, then free the locks nobody alive can hold."""
+    def _unwedge(self, gently: bool = False) -> None:
+        """A worker may have died holding a queue lock (or mid-message):
+        stop the workers first, then free the locks nobody alive can hold.
+        ``gently``: SIGTERM first, as the stdlib's terminate sends (a worker
+        that is stopped, or ignores it, gets SIGKILL 5 s later)."""
         _stdlib.stop_worker_handler(self)
-        for p in _stdlib.worker_processes(self):
+        workers = _stdlib.worker_processes(self)
+        for p in workers:
+            if p.exitcode is None:
+                p.terminate() if gently else p.kill()
+        for p in workers:
+            p.join(5)
             if p.exitcode is None:
                 p.kill()
-        for p in _stdlib.worker_processes(self):
-            p.join(5)
+                p.join(5)
         for lock in _stdlib.queue_locks(self):
             if lock is None:
                 continue

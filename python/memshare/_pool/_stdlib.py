@@ -207,9 +207,14 @@ def queue_locks(pool: StdPool) -> tuple[Any, Any]:
     return pool._outqueue._wlock, pool._inqueue._rlock
 
 
-def stop_worker_handler(pool: StdPool) -> None:
-    """Stop the worker handler thread from starting new workers."""
-    pool._worker_handler._state = TERMINATE
+def stop_worker_handler(pool: StdPool, timeout: float = 5.0) -> None:
+    """Stop the worker handler thread from starting new workers, and wait for
+    it (at most ``timeout`` seconds), so that the list of workers is final."""
+    handler = pool._worker_handler
+    handler._state = TERMINATE
+    pool._change_notifier.put(None)  # wakes it, as the stdlib's terminate does
+    if threading.current_thread() is not handler:
+        handler.join(timeout)
 
 
 def drain_task_queue(
