@@ -263,17 +263,22 @@ class Pool(_stdlib.StdPool):
             if p.exitcode is None:
                 p.kill()
                 p.join(5)
+        if any(p.exitcode is None for p in workers):
+            return  # a lock a live process holds is never taken from it
+        # A lock held now is a dead worker's (an idle worker holds the task
+        # queue's read lock while it waits; one stopped just after it sent a
+        # result may hold the results lock), or, for a moment, one of our
+        # threads' (the task handler's last write to the results queue).
         for lock in _stdlib.queue_locks(self):
-            if lock is None:
+            if lock is None or lock.acquire(False):
+                if lock is not None:
+                    lock.release()
                 continue
-            # Free now, or held only for a moment by our own threads: leave
-            # it. Still held after that: its holder is dead, release it.
-            if lock.acquire(timeout=0.5):
-                lock.release()
-                continue
+            if _stdlib.held_in_this_process(lock):
+                continue  # ours: released in microseconds
             try:
                 lock.release()
-            except ValueError:
+            except ValueError:  # released meanwhile
                 pass
 
     def _drain_results(self) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "fail_map_result",
     "failed_task",
     "get_tasks",
+    "held_in_this_process",
     "is_released",
     "iterator_condition",
     "job_of",
@@ -207,6 +208,12 @@ def queue_locks(pool: StdPool) -> tuple[Any, Any]:
     return pool._outqueue._wlock, pool._inqueue._rlock
 
 
+def held_in_this_process(lock: Any) -> bool:
+    """True if a thread of this process holds ``lock`` (a
+    ``multiprocessing.Lock``), false if it is free or another process holds it."""
+    return lock._semlock._count() > 0
+
+
 def stop_worker_handler(pool: StdPool, timeout: float = 5.0) -> None:
     """Stop the worker handler thread from starting new workers, and wait for
     it (at most ``timeout`` seconds), so that the list of workers is final."""
@@ -349,6 +356,11 @@ def self_check() -> None:
         assert callable(reader.recv_bytes) and callable(reader.poll)
         for lock in queue_locks(pool):
             assert lock is None or (callable(lock.acquire) and callable(lock.release))
+        probe = ctx.Lock()  # the pool's read lock is its idle worker's
+        assert not held_in_this_process(probe)
+        assert probe.acquire(timeout=60) and held_in_this_process(probe)
+        probe.release()
+        assert not held_in_this_process(probe)
 
         ok = ApplyResult(pool, None, None)
         assert result_cache(pool)[job_of(ok)] is ok
