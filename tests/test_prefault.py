@@ -87,7 +87,8 @@ def _reallocates_without_populating_again() -> None:
         before = _native.numpy_allocator_stats()["populated_ahead"]
         first = np.empty(n)  # written by nobody: present pages come from the hook
         assert ms.is_shared(first)
-        assert _present_pages(first)[0] == _present_pages(first)[1]
+        present, pages = _present_pages(first)
+        assert present == pages
         address = first.__array_interface__["data"][0]
         del first
         again = np.empty(n)

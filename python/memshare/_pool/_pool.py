@@ -270,12 +270,11 @@ class Pool(_stdlib.StdPool):
         # result may hold the results lock), or, for a moment, one of our
         # threads' (the task handler's last write to the results queue).
         for lock in _stdlib.queue_locks(self):
-            if lock is None or lock.acquire(False):
-                if lock is not None:
-                    lock.release()
-                continue
-            if _stdlib.held_in_this_process(lock):
+            if lock is None or _stdlib.held_in_this_process(lock):
                 continue  # ours: released in microseconds
+            if lock.acquire(False):
+                lock.release()  # free
+                continue
             try:
                 lock.release()
             except ValueError:  # released meanwhile

@@ -307,7 +307,8 @@ impl Arena {
         // A block this process freed while it alone held it: no lock.
         if local.fork.is_none() {
             if let Some(c) = local.cache.take(payload_size(len as u64), readonly) {
-                let mut block = self.hand_out(
+                // Only blocks this process allocated are cached.
+                return Ok(self.hand_out(
                     &mut local,
                     c.bref,
                     c.generation,
@@ -316,10 +317,8 @@ impl Arena {
                     len,
                     readonly,
                     true,
-                );
-                // Only blocks this process allocated are cached.
-                block.pages_mapped = len as u64 <= c.len;
-                return Ok(block);
+                    len as u64 <= c.len,
+                ));
             }
         }
         let (a, ptr, size) = {
@@ -331,7 +330,7 @@ impl Arena {
         };
         // While a fork is prepared, the child holds what we allocate.
         let private = local.fork.is_none();
-        let mut block = self.hand_out(
+        Ok(self.hand_out(
             &mut local,
             a.bref,
             a.generation,
@@ -340,9 +339,8 @@ impl Arena {
             len,
             readonly,
             private,
-        );
-        block.pages_mapped = a.pages_mapped;
-        Ok(block)
+            a.pages_mapped,
+        ))
     }
 
     /// Records a block just allocated (or taken from the cache) as this
@@ -358,6 +356,7 @@ impl Arena {
         len: usize,
         readonly: bool,
         private: bool,
+        pages_mapped: bool,
     ) -> Block {
         local.refs.insert(
             ptr as usize,
@@ -381,7 +380,7 @@ impl Arena {
             len,
             capacity: size as usize,
             readonly,
-            pages_mapped: false,
+            pages_mapped,
         }
     }
 
