@@ -130,6 +130,19 @@ def workers(client: Client) -> list[str]:
     return sorted(client.run_on_scheduler(worker_names))
 
 
+def wait_for_restart(client: Client, dead: str) -> None:
+    """Waits until the nanny replaced worker ``dead``: two workers, neither of
+    them ``dead``. One list per poll: two queries could see the old worker
+    still there in the first and the dead one gone in the second, before its
+    replacement registered."""
+
+    def replaced() -> bool:
+        now = workers(client)
+        return len(now) == 2 and dead not in now
+
+    wait_for(replaced, "the nanny's restart")
+
+
 def new_cluster(n: int = 2) -> LocalCluster:
     return LocalCluster(
         n_workers=n,
@@ -350,7 +363,7 @@ def test_killed_during_a_transfer_leaks_nothing(c, victim):
         peer.stdin.close()
     del x
     if victim == "sender":
-        wait_for(lambda: len(workers(c)) == 2 and a not in workers(c), "the nanny's restart")
+        wait_for_restart(c, a)
 
 
 def test_sigkilled_worker_is_reclaimed_and_its_restart_is_memshare_aware(c):
@@ -362,7 +375,7 @@ def test_sigkilled_worker_is_reclaimed_and_its_restart_is_memshare_aware(c):
     assert in_use >= 20 * 10**6
     os.kill(old_pid, signal.SIGKILL)
     del x
-    wait_for(lambda: len(workers(c)) == 2 and a not in workers(c), "the nanny's restart")
+    wait_for_restart(c, a)
     wait_for(
         lambda: reaped_stats()["bytes_in_use"] <= in_use - 20 * 10**6, "the dead worker's memory"
     )
