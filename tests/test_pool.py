@@ -8,10 +8,13 @@ import gc
 import multiprocessing as mp
 import multiprocessing.pool
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -598,6 +601,72 @@ def test_terminate_frees_the_results_lock_a_worker_died_holding():
         if stopper.is_alive():
             lock.release()  # let the stuck terminate finish
             stopper.join(T)
+
+
+_DROPPED_AFTER_A_DEATH = """
+import gc, os, signal, sys, warnings, weakref
+import multiprocessing as mp
+import memshare as ms
+
+def die_holding_the_results_lock():
+    frame = sys._getframe()
+    while frame is not None and "outqueue" not in frame.f_locals:
+        frame = frame.f_back
+    frame.f_locals["outqueue"]._wlock.acquire()  # as while sending a result
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    method, ending = sys.argv[1:]
+    pool = ms.Pool(1, context=mp.get_context(method))
+    # Not apply(): a raised error's frames would hold the pool in a cycle.
+    errors = []
+    call = pool.apply_async(die_holding_the_results_lock, error_callback=errors.append)
+    call.wait(60)
+    print(*(type(e).__name__ for e in errors), flush=True)
+    del call, errors
+    if ending == "collected":
+        alive = weakref.ref(pool)
+        warnings.simplefilter("ignore", ResourceWarning)  # "unclosed running pool"
+        del pool
+        gc.collect()
+        print("collected" if alive() is None else "still referenced", flush=True)
+    # "exit": the script ends with the pool running, never terminated.
+"""
+
+
+@pytest.mark.parametrize("ending", ["exit", "collected"])
+def test_a_pool_never_terminated_ends_although_a_worker_died_holding_a_lock(ctx, ending, tmp_path):
+    """A pool that is dropped or left running at exit, without terminate(),
+    is ended by the stdlib's finalizer. It wrote to the results queue and
+    waited for its lock forever when a worker had died holding it (the
+    program hung at exit): it takes memshare's terminate path now."""
+    script = tmp_path / "dropped.py"
+    script.write_text(_DROPPED_AFTER_A_DEATH)
+    shm = Path(os.environ["MEMSHARE_DIR"]) / f"dropped-{ctx.get_start_method()}-{ending}"
+    shm.mkdir()
+    env = dict(os.environ, MEMSHARE_DIR=str(shm))
+    program = subprocess.Popen(
+        [sys.executable, str(script), ctx.get_start_method(), ending],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # a hung program goes with its workers
+    )
+    try:
+        stdout, stderr = program.communicate(timeout=T)
+        want = ["WorkerLostError", "collected"][: 2 if ending == "collected" else 1]
+        assert (program.returncode, stdout.split()) == (0, want), stderr
+        assert "Traceback" not in stderr, stderr
+        assert list(shm.iterdir()) == [], "the program left its arena behind"
+    finally:
+        if program.poll() is None:  # it hung at its end
+            # SIGTERM: the resource tracker ignores it and then unlinks what
+            # the program leaked; the pool's workers and the program do not.
+            os.killpg(program.pid, signal.SIGTERM)
+            program.communicate(timeout=T)
+        _native.collect_garbage(str(shm))
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def test_killed_worker_executor_raises_broken_pool(ctx):

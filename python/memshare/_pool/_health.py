@@ -31,7 +31,11 @@ class _Health:
     def __init__(self) -> None:
         self.cache: dict | None = None
         self.terminating = False
-        self.broken: WorkerLostError | None = None
+        # Why the pool is broken: the message, not the error the calls raise.
+        # That error keeps the frames it was raised through, which hold the
+        # pool: held here too, it would make the pool garbage of a cycle,
+        # whose queues may be closed before the pool's __del__ runs.
+        self.broken: str | None = None
 
 
 def _describe_exit(code: int) -> str:
@@ -52,7 +56,7 @@ def _worker_exited(health: _Health, proc: Any, code: int) -> None:
         "and the calls that were pending failed. Create a new Pool to go on."
     )
     if health.broken is None:
-        health.broken = err
+        health.broken = str(err)
     for result in list((health.cache or {}).values()):
         fail = getattr(result, "_fail", None)
         if fail is not None:
@@ -90,6 +94,15 @@ class _WatchedProcess:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._proc, name, value)
+
+
+def _health_of(workers: list) -> _Health | None:
+    """The health of the pool these workers belong to: the stdlib's finalizer
+    of a pool that was never terminated has no pool, only its workers."""
+    for p in workers:
+        if isinstance(p, _WatchedProcess):
+            return p._health
+    return None
 
 
 def _make_process(health: _Health, ctx: Any, *args: Any, **kwds: Any) -> _WatchedProcess:

@@ -12,7 +12,7 @@ from .. import _callables, _native, _process, _sharing
 from . import _stdlib
 from ._arguments import _CallState
 from ._config import DEFAULT_SHARE_THRESHOLD, _check_threshold, check_process_slots
-from ._health import WorkerLostError, _Health, _make_process
+from ._health import WorkerLostError, _Health, _health_of, _make_process
 from ._packing import _PLAIN_FUNCTIONS, _unpack
 from ._progress import _make_progress
 from ._results import _ApplyResult, _IMapIterator, _IMapUnorderedIterator, _MapResult
@@ -85,7 +85,7 @@ class Pool(_stdlib.StdPool):
 
     def _check_running(self) -> None:
         if self._health.broken is not None:
-            raise WorkerLostError(str(self._health.broken))
+            raise WorkerLostError(self._health.broken)
         super()._check_running()
 
     def _get_sentinels(self) -> list:
@@ -234,71 +234,47 @@ class Pool(_stdlib.StdPool):
         """Lazy ``map`` with results in completion order."""
         return self._imap(_IMapUnorderedIterator, func, iterable, chunksize)
 
-    def terminate(self) -> None:
-        """Stops the workers at once; pending calls never complete."""
-        self._health.terminating = True
-        # The workers stop before the stdlib's terminate writes to the queues:
-        # one may have died holding a queue lock a moment ago, before the pool
+    @classmethod
+    def _terminate_pool(
+        cls,
+        taskqueue,
+        inqueue,
+        outqueue,
+        pool,
+        change_notifier,
+        worker_handler,
+        task_handler,
+        result_handler,
+        cache,
+    ):
+        # terminate() ends here, and so does a pool never terminated, through
+        # the stdlib's finalizer (when it is garbage-collected or at exit).
+        # The workers stop before the stdlib's part writes to the queues: one
+        # may have died holding a queue lock a moment ago, before the pool
         # noticed, and that write would wait for the lock forever.
-        self._unwedge(gently=self._health.broken is None)
-        super().terminate()
-        self._drain_results()
+        health = _health_of(pool)
+        broken = health is not None and health.broken is not None
+        if health is not None:
+            health.terminating = True  # the workers' deaths are not losses
+        _stdlib.stop_worker_handler(worker_handler, change_notifier)
+        if _stop_workers(pool, gently=not broken):
+            _free_dead_workers_locks(_stdlib.queue_locks(outqueue, inqueue))
+        super()._terminate_pool(
+            taskqueue,
+            inqueue,
+            outqueue,
+            pool,
+            change_notifier,
+            worker_handler,
+            task_handler,
+            result_handler,
+            cache,
+        )
+        _drain_results(_stdlib.reader_of(outqueue))
         try:
             _native.reap()
         except Exception:
             pass
-
-    def _unwedge(self, gently: bool = False) -> None:
-        """A worker may have died holding a queue lock (or mid-message):
-        stop the workers first, then free the locks nobody alive can hold.
-        ``gently``: SIGTERM first, as the stdlib's terminate sends (a worker
-        that is stopped, or ignores it, gets SIGKILL 5 s later)."""
-        _stdlib.stop_worker_handler(self)
-        workers = _stdlib.worker_processes(self)
-        for p in workers:
-            if p.exitcode is None:
-                p.terminate() if gently else p.kill()
-        for p in workers:
-            p.join(5)
-            if p.exitcode is None:
-                p.kill()
-                p.join(5)
-        if any(p.exitcode is None for p in workers):
-            return  # a lock a live process holds is never taken from it
-        # A lock held now is a dead worker's (an idle worker holds the task
-        # queue's read lock while it waits; one stopped just after it sent a
-        # result may hold the results lock), or, for a moment, one of our
-        # threads' (the task handler's last write to the results queue).
-        for lock in _stdlib.queue_locks(self):
-            if lock is None or _stdlib.held_in_this_process(lock):
-                continue  # ours: released in microseconds
-            if lock.acquire(False):
-                lock.release()  # free
-                continue
-            try:
-                lock.release()
-            except ValueError:  # released meanwhile
-                pass
-
-    def _drain_results(self) -> None:
-        """Results still in the pipe after the workers stopped: open and drop
-        them, so the pins of workers that exited normally are consumed."""
-        reader = _stdlib.result_reader(self)
-        while True:
-            try:
-                if not reader.poll(0):
-                    return
-                data = reader.recv_bytes()
-            except Exception:  # a message cut short by a killed worker
-                return
-            try:
-                task = ForkingPickler.loads(data)
-                if isinstance(task, tuple) and len(task) == 3:
-                    _unpack(task[2])
-            except Exception:
-                # e.g. a stale handle from a killed worker: the next message
-                # may still hold pins of a worker that exited normally.
-                continue
 
     def join(self) -> None:
         """Waits for the workers to exit (after ``close()`` or ``terminate()``)."""
@@ -316,3 +292,56 @@ class Pool(_stdlib.StdPool):
         # As the stdlib, but never blocks forever on a lock a dead worker held,
         # and drains until the task handler has really stopped.
         _stdlib.drain_task_queue(inqueue, task_handler, lock_timeout=1.0, drain_for=10.0)
+
+
+def _stop_workers(workers: list, gently: bool) -> bool:
+    """Stops the workers and waits for them; true if every one is dead.
+    ``gently``: SIGTERM first, as the stdlib's terminate sends (a worker that
+    is stopped, or ignores it, gets SIGKILL 5 s later)."""
+    for p in workers:
+        if p.exitcode is None:
+            p.terminate() if gently else p.kill()
+    for p in workers:
+        p.join(5)
+        if p.exitcode is None:
+            p.kill()
+            p.join(5)
+    return all(p.exitcode is not None for p in workers)
+
+
+def _free_dead_workers_locks(locks: Iterable) -> None:
+    """With every worker dead, a lock held now is a dead worker's (an idle
+    worker holds the task queue's read lock while it waits; one stopped just
+    after it sent a result may hold the results lock), or, for a moment, one
+    of our threads' (the task handler's last write to the results queue):
+    free the first kind, never the second."""
+    for lock in locks:
+        if lock is None or _stdlib.held_in_this_process(lock):
+            continue  # ours: released in microseconds
+        if lock.acquire(False):
+            lock.release()  # free
+            continue
+        try:
+            lock.release()
+        except ValueError:  # released meanwhile
+            pass
+
+
+def _drain_results(reader) -> None:
+    """Results still in the pipe after the workers stopped: open and drop
+    them, so the pins of workers that exited normally are consumed."""
+    while True:
+        try:
+            if not reader.poll(0):
+                return
+            data = reader.recv_bytes()
+        except Exception:  # a message cut short by a killed worker
+            return
+        try:
+            task = ForkingPickler.loads(data)
+            if isinstance(task, tuple) and len(task) == 3:
+                _unpack(task[2])
+        except Exception:
+            # e.g. a stale handle from a killed worker: the next message
+            # may still hold pins of a worker that exited normally.
+            continue

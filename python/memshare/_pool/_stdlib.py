@@ -14,12 +14,14 @@ tests do that for every supported CPython version).
 
 from __future__ import annotations
 
+import gc
 import inspect
 import multiprocessing
 import multiprocessing.pool as _mp_pool
 import multiprocessing.queues as _mp_queues
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from multiprocessing.pool import (
     INIT,
@@ -65,6 +67,7 @@ __all__ = [
     "prepare_pool",
     "put_tasks",
     "queue_locks",
+    "reader_of",
     "result_cache",
     "result_reader",
     "self_check",
@@ -91,6 +94,22 @@ OVERRIDDEN_HOOKS: tuple[tuple[type, str, tuple[str, ...]], ...] = (
         ("self", "func", "iterable", "mapper", "chunksize", "callback", "error_callback"),
     ),
     (StdPool, "_help_stuff_finish", ("inqueue", "task_handler", "size")),
+    (
+        StdPool,
+        "_terminate_pool",
+        (
+            "cls",
+            "taskqueue",
+            "inqueue",
+            "outqueue",
+            "pool",
+            "change_notifier",
+            "worker_handler",
+            "task_handler",
+            "result_handler",
+            "cache",
+        ),
+    ),
     (ApplyResult, "_set", ("self", "i", "obj")),
     (MapResult, "_set", ("self", "i", "success_result")),
     (IMapIterator, "_set", ("self", "i", "obj")),
@@ -142,7 +161,12 @@ def worker_handler_sentinels(pool: StdPool) -> list:
 
 def result_reader(pool: StdPool) -> Any:
     """The parent's end of the results pipe (a ``Connection``)."""
-    return pool._outqueue._reader
+    return reader_of(pool._outqueue)
+
+
+def reader_of(queue: Any) -> Any:
+    """The reading end of a pool's queue (a ``SimpleQueue``), a ``Connection``."""
+    return queue._reader
 
 
 def set_result_getter(pool: StdPool, get: Callable[[], Any]) -> None:
@@ -202,10 +226,10 @@ def set_task_queue(pool: StdPool, holding: Callable[[], bool], let_go: Callable[
     pool._quick_put = pool._inqueue._writer.send
 
 
-def queue_locks(pool: StdPool) -> tuple[Any, Any]:
+def queue_locks(outqueue: Any, inqueue: Any) -> tuple[Any, Any]:
     """The results queue's write lock and the task queue's read lock (either
     may be ``None``): the locks a worker holds while it talks to the pool."""
-    return pool._outqueue._wlock, pool._inqueue._rlock
+    return outqueue._wlock, inqueue._rlock
 
 
 def held_in_this_process(lock: Any) -> bool:
@@ -214,12 +238,14 @@ def held_in_this_process(lock: Any) -> bool:
     return lock._semlock._count() > 0
 
 
-def stop_worker_handler(pool: StdPool, timeout: float = 5.0) -> None:
-    """Stop the worker handler thread from starting new workers, and wait for
-    it (at most ``timeout`` seconds), so that the list of workers is final."""
-    handler = pool._worker_handler
+def stop_worker_handler(
+    handler: threading.Thread, change_notifier: Any, timeout: float = 5.0
+) -> None:
+    """Stop a pool's worker handler thread from starting new workers, and wait
+    for it (at most ``timeout`` seconds), so that the list of workers is final
+    (the arguments are those of ``_terminate_pool``)."""
     handler._state = TERMINATE
-    pool._change_notifier.put(None)  # wakes it, as the stdlib's terminate does
+    change_notifier.put(None)  # wakes it, as the stdlib's terminate does
     if threading.current_thread() is not handler:
         handler.join(timeout)
 
@@ -354,7 +380,8 @@ def self_check() -> None:
         assert isinstance(result_cache(pool), dict)
         reader = result_reader(pool)
         assert callable(reader.recv_bytes) and callable(reader.poll)
-        for lock in queue_locks(pool):
+        assert reader_of(pool._outqueue) is reader
+        for lock in queue_locks(pool._outqueue, pool._inqueue):
             assert lock is None or (callable(lock.acquire) and callable(lock.release))
         probe = ctx.Lock()  # the pool's read lock is its idle worker's
         assert not held_in_this_process(probe)
@@ -419,9 +446,19 @@ def self_check() -> None:
     finally:
         hooked.terminate()
         hooked.join()
+    assert _HookedPool.terminated == [1]
+    # A pool never terminated ends through the same hook, by its finalizer.
+    dropped = _HookedPool(1, context=ctx)
+    assert dropped.apply(abs, (-7,)) == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # "unclosed running pool"
+        del dropped
+        gc.collect()
+    assert _HookedPool.terminated == [1, 1]
 
     stopped = ctx.Pool(1)
-    stop_worker_handler(stopped)
+    stop_worker_handler(stopped._worker_handler, stopped._change_notifier)
+    assert not stopped._worker_handler.is_alive()
     stopped.terminate()
     stopped.join()
     assert pool_state(stopped) == TERMINATE
@@ -445,6 +482,13 @@ def _let_go() -> None:
 
 
 class _HookedPool(StdPool):
+    terminated: list = []  # the worker count of every pool that ended
+
+    @classmethod
+    def _terminate_pool(cls, taskqueue, inqueue, outqueue, pool, *rest):
+        cls.terminated.append(len(pool))
+        super()._terminate_pool(taskqueue, inqueue, outqueue, pool, *rest)
+
     def _setup_queues(self) -> None:
         super()._setup_queues()
         set_task_queue(self, _holding, _let_go)
