@@ -604,23 +604,19 @@ def test_terminate_frees_the_results_lock_a_worker_died_holding():
 
 
 _DROPPED_AFTER_A_DEATH = """
-import gc, os, signal, sys, warnings, weakref
+import gc, sys, warnings, weakref
 import multiprocessing as mp
 import memshare as ms
 
-def die_holding_the_results_lock():
-    frame = sys._getframe()
-    while frame is not None and "outqueue" not in frame.f_locals:
-        frame = frame.f_back
-    frame.f_locals["outqueue"]._wlock.acquire()  # as while sending a result
-    os.kill(os.getpid(), signal.SIGKILL)
-
 if __name__ == "__main__":
-    method, ending = sys.argv[1:]
+    method, ending, tests = sys.argv[1:]
+    sys.path.insert(0, tests)
+    from test_pool import _die_holding_the_results_lock
+
     pool = ms.Pool(1, context=mp.get_context(method))
     # Not apply(): a raised error's frames would hold the pool in a cycle.
     errors = []
-    call = pool.apply_async(die_holding_the_results_lock, error_callback=errors.append)
+    call = pool.apply_async(_die_holding_the_results_lock, error_callback=errors.append)
     call.wait(60)
     print(*(type(e).__name__ for e in errors), flush=True)
     del call, errors
@@ -646,7 +642,7 @@ def test_a_pool_never_terminated_ends_although_a_worker_died_holding_a_lock(ctx,
     shm.mkdir()
     env = dict(os.environ, MEMSHARE_DIR=str(shm))
     program = subprocess.Popen(
-        [sys.executable, str(script), ctx.get_start_method(), ending],
+        [sys.executable, str(script), ctx.get_start_method(), ending, str(Path(__file__).parent)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -236,39 +236,20 @@ class Pool(_stdlib.StdPool):
 
     @classmethod
     def _terminate_pool(
-        cls,
-        taskqueue,
-        inqueue,
-        outqueue,
-        pool,
-        change_notifier,
-        worker_handler,
-        task_handler,
-        result_handler,
-        cache,
+        cls, taskqueue, inqueue, outqueue, pool, change_notifier, worker_handler, *rest
     ):
         # terminate() ends here, and so does a pool never terminated, through
         # the stdlib's finalizer (when it is garbage-collected or at exit).
         # The workers stop before the stdlib's part writes to the queues: one
         # may have died holding a queue lock a moment ago, before the pool
         # noticed, and that write would wait for the lock forever.
-        health = _health_of(pool)
-        broken = health is not None and health.broken is not None
-        if health is not None:
-            health.terminating = True  # the workers' deaths are not losses
+        health = _health_of(pool) or _Health()  # none: no worker ever started
+        health.terminating = True  # the workers' deaths are not losses
         _stdlib.stop_worker_handler(worker_handler, change_notifier)
-        if _stop_workers(pool, gently=not broken):
+        if _stop_workers(pool, gently=health.broken is None):
             _free_dead_workers_locks(_stdlib.queue_locks(outqueue, inqueue))
         super()._terminate_pool(
-            taskqueue,
-            inqueue,
-            outqueue,
-            pool,
-            change_notifier,
-            worker_handler,
-            task_handler,
-            result_handler,
-            cache,
+            taskqueue, inqueue, outqueue, pool, change_notifier, worker_handler, *rest
         )
         _drain_results(_stdlib.reader_of(outqueue))
         try:
