@@ -612,12 +612,14 @@ if __name__ == "__main__":
     method, ending, tests = sys.argv[1:]
     sys.path.insert(0, tests)
     from test_pool import _die_holding_the_results_lock
+    from memshare._pool import _stdlib
 
     pool = ms.Pool(1, context=mp.get_context(method))
     # Not apply(): a raised error's frames would hold the pool in a cycle.
     errors = []
     call = pool.apply_async(_die_holding_the_results_lock, error_callback=errors.append)
     call.wait(60)
+    assert _stdlib.wait_until_released(call, 60)
     print(*(type(e).__name__ for e in errors), flush=True)
     del call, errors
     if ending == "collected":

@@ -5,6 +5,8 @@ without memshare installed)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -153,3 +155,37 @@ def test_a_holding_worker_lets_go_before_it_waits_for_a_task():
         assert got == ["task"] and let_go.calls == ["getter"]
     finally:
         queue.close()
+
+
+def test_draining_the_task_queue_survives_a_message_cut_short():
+    """A worker killed between a task's length header and its body (or in
+    the body) leaves the task pipe between two messages: the next read takes
+    body bytes for a length. Terminating drains that pipe while the task
+    handler runs; reading it by messages then waited forever for bytes that
+    never come (seen once: test_pool_worker_killed[33] hung in terminate)."""
+    queue = mp.get_context("fork").SimpleQueue()
+    writer = queue._writer
+    # A length of 16 MiB with 100 bytes of its body: what is left of a pipe
+    # when a reader took the bytes before them.
+    writer.send_bytes(b"x" * 100)  # a whole message first
+    os.write(writer.fileno(), struct.pack("!i", 1 << 24) + b"y" * 100)
+    handler_may_stop = threading.Event()
+    task_handler = threading.Thread(target=handler_may_stop.wait, args=(60,), daemon=True)
+    task_handler.start()
+    drainer = threading.Thread(
+        target=_stdlib.drain_task_queue,
+        args=(queue, task_handler),
+        kwargs={"lock_timeout": 5.0, "drain_for": 2.0},
+        daemon=True,
+    )
+    try:
+        drainer.start()
+        drainer.join(30)
+        assert not drainer.is_alive(), "the drain waited for the rest of a cut message"
+        assert not queue._reader.poll(0), "the drain left bytes in the pipe"
+    finally:
+        handler_may_stop.set()
+        writer.close()  # a stuck read ends with EOFError
+        drainer.join(30)
+        task_handler.join(30)
+        queue._reader.close()

@@ -19,6 +19,7 @@ import inspect
 import multiprocessing
 import multiprocessing.pool as _mp_pool
 import multiprocessing.queues as _mp_queues
+import os
 import threading
 import time
 import warnings
@@ -76,6 +77,7 @@ __all__ = [
     "set_task_queue",
     "stop_worker_handler",
     "task",
+    "wait_until_released",
     "worker_handler_sentinels",
     "worker_processes",
 ]
@@ -257,11 +259,16 @@ def drain_task_queue(
     lock a dead worker held, and drains until the task handler has stopped
     (at most ``drain_for`` seconds)."""
     inqueue._rlock.acquire(timeout=lock_timeout)
+    reader = inqueue._reader
     deadline = time.monotonic() + drain_for
     while task_handler.is_alive() and time.monotonic() < deadline:
+        # Bytes, not messages, and never a blocking read: a worker killed
+        # between a task's length and its body left the pipe between two
+        # messages, and reading one would wait for bytes that never come.
+        # (Readable, and every other reader is dead: os.read returns at once.)
         try:
-            if inqueue._reader.poll(0.02):
-                inqueue._reader.recv_bytes()
+            if reader.poll(0.02) and not os.read(reader.fileno(), 1 << 16):
+                break  # every writer closed its end
         except (OSError, EOFError):
             break
 
@@ -302,6 +309,18 @@ def job_of(result: Any) -> int:
 def is_released(result: Any) -> bool:
     """True once the result object has dropped its pool: the call is over."""
     return result._pool is None
+
+
+def wait_until_released(result: Any, timeout: float) -> bool:
+    """Waits (at most ``timeout`` seconds) until ``result`` has dropped its
+    pool; false if it has not. Its waiters wake a moment before: until then a
+    pool the program dropped is still held."""
+    deadline = time.monotonic() + timeout
+    while not is_released(result):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _uncache(result: Any) -> None:
@@ -449,10 +468,11 @@ def self_check() -> None:
     assert _HookedPool.terminated == [1]
     # A pool never terminated ends through the same hook, by its finalizer.
     dropped = _HookedPool(1, context=ctx)
-    assert dropped.apply(abs, (-7,)) == 7
+    last = dropped.apply_async(abs, (-7,))
+    assert last.get(timeout=60) == 7 and wait_until_released(last, 60)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # "unclosed running pool"
-        del dropped
+        del dropped, last
         gc.collect()
     assert _HookedPool.terminated == [1, 1]
 
