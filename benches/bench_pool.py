@@ -104,6 +104,74 @@ def two_independent_loops(tasks: int) -> float:
     return total
 
 
+# --- how far 2 cores scale on this machine, for workload (a)'s floor ----------------------
+
+
+def _python_spin(_=None) -> None:
+    x = 0
+    for i in range(5_000_000):
+        x += i * i
+
+
+def _numpy_in_cache(_=None) -> None:
+    a = np.random.default_rng(0).random((256, 256))  # 512 KiB: stays in cache
+    for _ in range(1000):
+        a = np.sin(a)
+
+
+def _fresh_private_arrays(_=None) -> None:
+    for _ in range(8):
+        a = np.empty(25_000_000)  # 200 MB, a fresh mapping each time
+        a[:] = 1.0
+        del a
+
+
+def bench_core_scaling() -> str:
+    """The same work in 1 process and in 2 at once (fork, nothing shared): how
+    much of 2x this machine's 2 cores give before memshare does anything."""
+    ctx = mp.get_context("fork")
+    rows = []
+    with ctx.Pool(1) as one, ctx.Pool(WORKERS) as two:
+        for name, work in (
+            ("pure-Python integer loop", _python_spin),
+            ("numpy sin on a 512 KiB array (in cache)", _numpy_in_cache),
+            ("fresh private 200 MB arrays filled", _fresh_private_arrays),
+            ("workload (a)'s loop, 24 tasks (bench_outer_product's last row)", None),
+        ):
+            if work is None:
+                m = measure_interleaved(
+                    {
+                        "1": lambda: outer_product.run("sequential", 24),
+                        "2": lambda: two_independent_loops(24),
+                    },
+                    warmup=0,
+                )
+                single, both = m["1"], m["2"]
+                done = single[0] / both[0]
+            else:
+                m = measure_interleaved(
+                    {
+                        "1": lambda w=work: one.map(w, [None], chunksize=1),
+                        "2": lambda w=work: two.map(w, [None] * WORKERS, chunksize=1),
+                    }
+                )
+                single, both = m["1"], m["2"]
+                done = WORKERS * single[0] / both[0]
+            rows.append([name, spread(single), spread(both), f"{done:.2f}x"])
+    return table(
+        f"How far {WORKERS} cores scale here: the same work in 1 process, then in {WORKERS} "
+        f"at once sharing nothing (median [min-max] of {REPEAT}, interleaved)",
+        ["work", "1 process", f"{WORKERS} processes at once", "work done vs 1 process"],
+        rows,
+    ) + (
+        f"\nWorkload (a)'s goal of 2.0x the loop needs {WORKERS} cores that run its work side "
+        "by side at full speed, and a pool that spends no more CPU than the loop. Its work "
+        "is mostly fresh memory the kernel zeroes and maps (the third row), which scales "
+        "less than computing does. The last row is the loop's own work split in two, with "
+        "nothing shared or sent.\n"
+    )
+
+
 # --- tables ---------------------------------------------------------------------------
 
 
@@ -384,6 +452,7 @@ def main() -> None:
     for bench in (
         bench_tiny_tasks,
         bench_outer_product,
+        bench_core_scaling,
         bench_result_pages,
         bench_lock_traffic,
         bench_convolution,
