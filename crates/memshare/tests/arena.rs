@@ -67,13 +67,17 @@ fn from_hex(s: &str) -> Vec<u8> {
 /// Runs the test `name` of this binary in a new process with `env` set
 /// (its half of a two-process test); true if it succeeded.
 fn run_child(name: &str, dir: &TestDir, env: (&str, String)) -> bool {
+    run_child_status(name, dir, env).success()
+}
+
+/// As [`run_child`], but returns how the child ended.
+fn run_child_status(name: &str, dir: &TestDir, env: (&str, String)) -> std::process::ExitStatus {
     Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(env.0, env.1)
         .env("MEMSHARE_DIR", &dir.0)
         .status()
         .unwrap()
-        .success()
 }
 
 #[test]
@@ -405,6 +409,65 @@ fn dead_process_is_reaped() {
     drop(a);
     let s = arena.stats().unwrap();
     assert_eq!((s.live_blocks, s.pins, s.processes), (0, 0, 1));
+}
+
+/// Child half of `a_reaper_that_dies_mid_repair_leaves_the_dead_to_the_next`:
+/// attaches and reaps, and dies inside the repair after the pass it is given.
+#[test]
+fn child_dies_reaping() {
+    let Ok(arg) = std::env::var("MEMSHARE_TEST_REAP_EXIT") else {
+        return;
+    };
+    let (pass, token) = arg.split_once(':').unwrap();
+    memshare::arena::exit_inside_repair(pass.parse().unwrap());
+    let dir = std::env::var("MEMSHARE_DIR").unwrap();
+    let token = memshare::arena::parse_hex(token).unwrap();
+    // Attaching may reap already; if not, the explicit reap does.
+    let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
+    let _mine = arena.alloc(1 << 20, false).unwrap();
+    arena.reap().unwrap();
+    panic!("the reap found nobody dead, so the repair never ran");
+}
+
+#[test]
+fn a_reaper_that_dies_mid_repair_leaves_the_dead_to_the_next() {
+    let dir = TestDir::new("reaper-dies");
+    let arena = Arena::create(&dir.0).unwrap();
+    let a = SharedArray::zeros::<f64>(&arena, &[1000]).unwrap();
+    let msg = to_hex(&a.to_bytes().unwrap());
+    for pass in 1..=memshare::arena::REPAIR_EXIT_POINTS {
+        // One process dies holding blocks, a pin and a lease; the one that
+        // reaps it dies mid-repair, holding the mutex.
+        assert!(run_child(
+            "child_dies_holding",
+            &dir,
+            ("MEMSHARE_TEST_DIE", msg.clone())
+        ));
+        let status = run_child_status(
+            "child_dies_reaping",
+            &dir,
+            (
+                "MEMSHARE_TEST_REAP_EXIT",
+                format!("{pass}:{}", hex(&arena.token())),
+            ),
+        );
+        assert_eq!(
+            status.code(),
+            Some(memshare::arena::EXIT_INSIDE_REPAIR_STATUS),
+            "the reaper did not die inside pass {pass} of the repair"
+        );
+        // The next locker repairs again (EOWNERDEAD): both are gone.
+        arena.reap().unwrap();
+        let s = arena.stats().unwrap();
+        assert_eq!(
+            (s.live_blocks, s.pins, s.processes),
+            (1, 0, 1),
+            "after a reaper died following pass {pass}, the dead still hold memory"
+        );
+    }
+    drop(a);
+    let s = arena.stats().unwrap();
+    assert_eq!((s.live_blocks, s.bytes_in_use, s.pins), (0, 0, 0));
 }
 
 #[derive(Debug, Clone)]

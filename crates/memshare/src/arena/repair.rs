@@ -2,6 +2,8 @@
 //! the mutex (EOWNERDEAD), the survivors rebuild all derived metadata from
 //! the block headers, which are consistent at every instant.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use super::txn::Txn;
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -37,7 +39,6 @@ impl Txn<'_> {
                 dead_epochs.push((s, slot.epoch));
                 // Its put-off releases go with all its holder bits (pass 1).
                 slot.clear_put_off();
-                self.ctl.slots[s as usize].state = SLOT_FREE;
             }
         }
         for l in self.ctl.leases.iter_mut() {
@@ -74,6 +75,7 @@ impl Txn<'_> {
                 }
             }
         }
+        exit_if_told(1);
         // Pass 2: keep the valid pins of the table, recount them and link
         // each onto its owner's list again; the rest go to the free list.
         let mut pins_in_use = 0;
@@ -126,6 +128,7 @@ impl Txn<'_> {
         }
         self.ctl.pins_in_use = pins_in_use;
         self.rebuild_free_pins();
+        exit_if_told(2);
         // Pass 2b: a block about to be freed (its last holder died) releases
         // the pins it owns, as `free_block` does, transitively (a dropped
         // queue frees the messages still inside it).
@@ -145,6 +148,7 @@ impl Txn<'_> {
                 break;
             }
         }
+        exit_if_told(3);
         // Pass 3: free unreferenced blocks, merge neighbours, rebuild bins and stats.
         self.ctl.bins = [BlockRef::NIL; NBINS];
         let (mut in_use, mut live) = (0, 0);
@@ -214,6 +218,43 @@ impl Txn<'_> {
         }
         self.ctl.bytes_in_use = in_use;
         self.ctl.live_blocks = live;
+        exit_if_told(4);
+        // The dead give up their slots last: a reaper that dies before this
+        // point leaves them marked alive, so the next locker (EOWNERDEAD)
+        // finds them dead again and redoes every pass, which are idempotent.
+        // Freed first, a reaper killed mid-pass would leave their holder
+        // bits set on blocks that no process would ever release.
+        for (s, _) in dead_epochs {
+            self.ctl.slots[s as usize].state = SLOT_FREE;
+        }
         Ok(())
+    }
+}
+
+/// The pass after which this process's next repair exits (0: none).
+static EXIT_AFTER_PASS: AtomicU32 = AtomicU32::new(0);
+
+/// The exit status of a process made to die inside a repair.
+#[doc(hidden)]
+pub const EXIT_INSIDE_REPAIR_STATUS: i32 = 77;
+
+/// The number of points at which [`exit_inside_repair`] can stop a repair.
+#[doc(hidden)]
+pub const REPAIR_EXIT_POINTS: u32 = 4;
+
+/// For tests of a reaper that dies mid-repair: this process's next repair
+/// exits (status [`EXIT_INSIDE_REPAIR_STATUS`], holding the arena's mutex,
+/// running no destructors, like SIGKILL) after pass `after_pass` (1 to
+/// [`REPAIR_EXIT_POINTS`]; 0 turns it off).
+#[doc(hidden)]
+pub fn exit_inside_repair(after_pass: u32) {
+    EXIT_AFTER_PASS.store(after_pass, Ordering::Relaxed);
+}
+
+fn exit_if_told(pass: u32) {
+    if EXIT_AFTER_PASS.load(Ordering::Relaxed) == pass {
+        // SAFETY: ends the process at once without unwinding or running
+        // destructors, which is what the test means to simulate.
+        unsafe { libc::_exit(EXIT_INSIDE_REPAIR_STATUS) };
     }
 }
