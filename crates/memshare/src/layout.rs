@@ -21,7 +21,7 @@ use crate::sys::MUTEX_BYTES;
 pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"MSHRCTL\0");
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"MSHRSEG\0");
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"MSBK");
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Payloads are aligned to a cache line (and to every numpy dtype).
 pub const ALIGN: u64 = 64;
@@ -264,7 +264,12 @@ pub struct CtlHeader {
     pub header_size: u32,
     pub token: [u8; 16],
     pub mac_key: [u8; 16],
-    pub _pad0: [u8; 16],
+    /// Nonzero while the metadata waits for a repair: set by a repair as it
+    /// starts and cleared as it ends (one that failed is redone by the next
+    /// transaction), and by a locker that got EOWNERDEAD but cannot repair
+    /// (`memshare ls`, `gc`).
+    pub repair_needed: u32,
+    pub _pad0: [u8; 12],
     pub mutex: MutexStorage,
     pub limit: u64,
     pub bytes_reserved: u64,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use memshare::arena::crash::{self, CrashPoint};
 use memshare::arena::{ctl_path, hex};
 use memshare::{Arena, Error, Handle, SharedArray};
 use ndarray::{ArrayD, IxDyn};
@@ -78,6 +79,24 @@ fn run_child_status(name: &str, dir: &TestDir, env: (&str, String)) -> std::proc
         .env("MEMSHARE_DIR", &dir.0)
         .status()
         .unwrap()
+}
+
+/// Keeps this process's decay thread (which reaps every arena of this test
+/// binary once a second) from running until dropped, for tests that see a
+/// dead process before it is reaped.
+struct DecayPaused;
+
+impl DecayPaused {
+    fn new() -> DecayPaused {
+        memshare::arena::pause_for_fork();
+        DecayPaused
+    }
+}
+
+impl Drop for DecayPaused {
+    fn drop(&mut self) {
+        memshare::arena::resume_after_fork();
+    }
 }
 
 #[test]
@@ -395,6 +414,7 @@ fn dead_process_is_reaped() {
     let arena = Arena::create(&dir.0).unwrap();
     let a = SharedArray::zeros::<f64>(&arena, &[1000]).unwrap();
     let msg = to_hex(&a.to_bytes().unwrap());
+    let paused = DecayPaused::new();
     assert!(run_child(
         "child_dies_holding",
         &dir,
@@ -406,27 +426,71 @@ fn dead_process_is_reaped() {
         "the dead child's block is still accounted"
     );
     assert!(arena.reap().unwrap());
+    drop(paused);
     drop(a);
     let s = arena.stats().unwrap();
     assert_eq!((s.live_blocks, s.pins, s.processes), (0, 0, 1));
 }
 
-/// Child half of `a_reaper_that_dies_mid_repair_leaves_the_dead_to_the_next`:
-/// attaches and reaps, and dies inside the repair after the pass it is given.
+/// The crash point named `name` (its `Debug` spelling).
+fn crash_point(name: &str) -> CrashPoint {
+    *CrashPoint::ALL
+        .iter()
+        .find(|p| format!("{p:?}") == name)
+        .unwrap()
+}
+
+/// Child half of the crash-point tests: attaches to the arena named by
+/// `MEMSHARE_TEST_CRASH` (`<point>:<token>`), is told to die at the point,
+/// then reaps (a repair point) or allocates a block too big for the free
+/// space (a growth point).
 #[test]
-fn child_dies_reaping() {
-    let Ok(arg) = std::env::var("MEMSHARE_TEST_REAP_EXIT") else {
+fn child_dies_at_a_crash_point() {
+    let Ok(arg) = std::env::var("MEMSHARE_TEST_CRASH") else {
         return;
     };
-    let (pass, token) = arg.split_once(':').unwrap();
-    memshare::arena::exit_inside_repair(pass.parse().unwrap());
+    let (name, token) = arg.split_once(':').unwrap();
+    let point = crash_point(name);
+    crash::exit_at(point);
     let dir = std::env::var("MEMSHARE_DIR").unwrap();
     let token = memshare::arena::parse_hex(token).unwrap();
     // Attaching may reap already; if not, the explicit reap does.
     let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
     let _mine = arena.alloc(1 << 20, false).unwrap();
     arena.reap().unwrap();
-    panic!("the reap found nobody dead, so the repair never ran");
+    let _big = arena.alloc(GROWS, false).unwrap();
+    panic!("{point:?} was never reached");
+}
+
+/// A block bigger than any free space of these tests: it grows the arena.
+const GROWS: usize = 40 << 20;
+
+/// Runs `child_dies_at_a_crash_point` at `point` and checks that it died there.
+fn die_at(point: CrashPoint, dir: &TestDir, arena: &Arena) {
+    let status = run_child_status(
+        "child_dies_at_a_crash_point",
+        dir,
+        (
+            "MEMSHARE_TEST_CRASH",
+            format!("{point:?}:{}", hex(&arena.token())),
+        ),
+    );
+    assert_eq!(
+        status.code(),
+        Some(crash::EXIT_STATUS),
+        "the child did not die at {point:?}"
+    );
+}
+
+/// The sizes of the arena's segment files, summed.
+fn segment_file_bytes(dir: &TestDir, arena: &Arena) -> u64 {
+    let ctl = ctl_path(&dir.0, &arena.token());
+    std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| *p != ctl)
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
 }
 
 #[test]
@@ -435,39 +499,179 @@ fn a_reaper_that_dies_mid_repair_leaves_the_dead_to_the_next() {
     let arena = Arena::create(&dir.0).unwrap();
     let a = SharedArray::zeros::<f64>(&arena, &[1000]).unwrap();
     let msg = to_hex(&a.to_bytes().unwrap());
-    for pass in 1..=memshare::arena::REPAIR_EXIT_POINTS {
+    let repair_points = CrashPoint::ALL
+        .into_iter()
+        .filter(|p| format!("{p:?}").starts_with("Repair"));
+    for point in repair_points {
         // One process dies holding blocks, a pin and a lease; the one that
-        // reaps it dies mid-repair, holding the mutex.
+        // reaps it dies mid-repair, holding the mutex. Nobody else reaps the
+        // first in between.
+        let paused = DecayPaused::new();
         assert!(run_child(
             "child_dies_holding",
             &dir,
             ("MEMSHARE_TEST_DIE", msg.clone())
         ));
-        let status = run_child_status(
-            "child_dies_reaping",
-            &dir,
-            (
-                "MEMSHARE_TEST_REAP_EXIT",
-                format!("{pass}:{}", hex(&arena.token())),
-            ),
-        );
-        assert_eq!(
-            status.code(),
-            Some(memshare::arena::EXIT_INSIDE_REPAIR_STATUS),
-            "the reaper did not die inside pass {pass} of the repair"
-        );
+        die_at(point, &dir, &arena);
+        drop(paused);
         // The next locker repairs again (EOWNERDEAD): both are gone.
         arena.reap().unwrap();
         let s = arena.stats().unwrap();
         assert_eq!(
             (s.live_blocks, s.pins, s.processes),
             (1, 0, 1),
-            "after a reaper died following pass {pass}, the dead still hold memory"
+            "after a reaper died at {point:?}, the dead still hold memory"
         );
     }
     drop(a);
     let s = arena.stats().unwrap();
     assert_eq!((s.live_blocks, s.bytes_in_use, s.pins), (0, 0, 0));
+}
+
+#[test]
+fn a_process_that_dies_growing_the_arena_leaves_it_sound() {
+    for point in [CrashPoint::GrowBeforePublish, CrashPoint::GrowAfterPublish] {
+        let dir = TestDir::new("grower-dies");
+        let arena = Arena::create(&dir.0).unwrap();
+        let mine = arena.alloc(1 << 20, false).unwrap();
+        die_at(point, &dir, &arena);
+        // The next locker repairs (EOWNERDEAD); then the arena grows again
+        // (at the same index, or into the segment the child published).
+        let big = arena.alloc(GROWS, false).unwrap();
+        // SAFETY: this process holds the only reference to the fresh block.
+        unsafe { std::slice::from_raw_parts_mut(big.as_ptr(), GROWS) }.fill(7);
+        let s = arena.stats().unwrap();
+        assert_eq!((s.live_blocks, s.pins, s.processes), (2, 0, 1), "{point:?}");
+        assert_eq!(
+            s.bytes_segments,
+            segment_file_bytes(&dir, &arena),
+            "after a process died at {point:?}, the arena's size is not its files'"
+        );
+        assert!(
+            s.bytes_reserved <= s.bytes_segments,
+            "after a process died at {point:?}, {} bytes committed of {} in segments",
+            s.bytes_reserved,
+            s.bytes_segments
+        );
+        drop((mine, big));
+        let s = arena.stats().unwrap();
+        assert_eq!((s.live_blocks, s.bytes_in_use), (0, 0), "{point:?}");
+    }
+}
+
+#[test]
+fn a_death_seen_first_by_ls_or_gc_is_still_repaired() {
+    for via_gc in [false, true] {
+        let dir = TestDir::new("ls-sees-death");
+        let arena = Arena::create(&dir.0).unwrap();
+        let mine = arena.alloc(1 << 20, false).unwrap();
+        // The child dies holding the mutex, with the segment it published
+        // out of the free lists and its slot still taken.
+        die_at(CrashPoint::GrowAfterPublish, &dir, &arena);
+        // No decay pass of ours takes the lock (and repairs) meanwhile.
+        let paused = DecayPaused::new();
+        let seen = if via_gc {
+            Arena::collect_garbage(&dir.0, false).map(|removed| removed.is_empty())
+        } else {
+            Arena::inspect(&dir.0, arena.token()).map(|_| true)
+        };
+        // The next transaction (a plain stats call, which never reaps on
+        // its own) repairs: the dead child's slot is free again.
+        let s = arena.stats();
+        drop(paused);
+        assert!(seen.unwrap(), "the live arena was removed or not read");
+        let tool = if via_gc { "gc" } else { "ls" };
+        assert_eq!(
+            s.unwrap().processes,
+            1,
+            "the death that {tool} saw first went unrepaired"
+        );
+        let big = arena.alloc(GROWS, false).unwrap();
+        assert_eq!(
+            arena.stats().unwrap().segments,
+            2,
+            "the published block is reused"
+        );
+        drop((mine, big));
+    }
+}
+
+/// Child half of `a_child_forked_without_a_slot_keeps_no_lock_of_its_parent`:
+/// holds a block, forks (a plain fork: no slot is reserved for the child)
+/// and dies; the grandchild lives on until its stdin closes.
+#[test]
+fn child_forks_without_a_reservation_and_dies() {
+    let Ok(token) = std::env::var("MEMSHARE_TEST_FORK") else {
+        return;
+    };
+    let dir = std::env::var("MEMSHARE_DIR").unwrap();
+    let token = memshare::arena::parse_hex(&token).unwrap();
+    let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
+    let held = arena.alloc(1 << 20, false).unwrap();
+    // SAFETY: the grandchild only reads its stdin and exits; this process
+    // exits at once without running destructors, like SIGKILL.
+    unsafe {
+        if libc::fork() == 0 {
+            // The fork handlers have run: say so, then wait.
+            let ready = READY.as_bytes();
+            libc::write(2, ready.as_ptr().cast(), ready.len());
+            let mut byte = 0u8;
+            while libc::read(0, std::ptr::addr_of_mut!(byte).cast(), 1) > 0 {}
+            libc::_exit(0);
+        }
+        std::mem::forget(held);
+        libc::_exit(0);
+    }
+}
+
+/// What the grandchild of that test writes to stderr once it runs.
+const READY: &str = "grandchild ready";
+
+#[test]
+fn a_child_forked_without_a_slot_keeps_no_lock_of_its_parent() {
+    let dir = TestDir::new("fork-no-slot");
+    let arena = Arena::create(&dir.0).unwrap();
+    let mut parent = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_forks_without_a_reservation_and_dies",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MEMSHARE_TEST_FORK", hex(&arena.token()))
+        .env("MEMSHARE_DIR", &dir.0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closing it (also on a failed assert) ends the grandchild.
+    let grandchild_stdin = parent.stdin.take();
+    // Until the grandchild says it runs, its fork handlers may not have
+    // let go of what it inherited. (If it died first, this reads EOF.)
+    let mut stderr = parent.stderr.take().unwrap();
+    let mut said = Vec::new();
+    let mut chunk = [0u8; 256];
+    while !String::from_utf8_lossy(&said).contains(READY) {
+        let n = std::io::Read::read(&mut stderr, &mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "the grandchild never ran: {}",
+            String::from_utf8_lossy(&said)
+        );
+        said.extend_from_slice(&chunk[..n]);
+    }
+    assert!(parent.wait().unwrap().success());
+    // The grandchild lives, but it does not hold its dead parent's slot
+    // lock. (This process's decay thread may have reaped it already.)
+    arena.reap().unwrap();
+    let s = arena.stats().unwrap();
+    assert_eq!(
+        (s.live_blocks, s.processes),
+        (0, 1),
+        "the dead parent was not reaped: its child holds its slot lock"
+    );
+    drop(grandchild_stdin);
 }
 
 #[derive(Debug, Clone)]
@@ -743,6 +947,7 @@ fn one_process_cannot_starve_the_others() {
     let arena = Arena::create(&dir.0).unwrap();
     let a = SharedArray::zeros::<f64>(&arena, &[16]).unwrap();
     let msg = to_hex(&a.to_bytes().unwrap());
+    let paused = DecayPaused::new();
     assert!(run_child(
         "child_leaks_pins",
         &dir,
@@ -758,6 +963,7 @@ fn one_process_cannot_starve_the_others() {
     let h = a.block().handle().unwrap();
     drop(arena.open(&h).unwrap());
     assert!(arena.reap().unwrap());
+    drop(paused);
     assert_eq!(
         arena.stats().unwrap().pins,
         0,

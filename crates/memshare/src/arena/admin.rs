@@ -10,7 +10,7 @@ use super::txn::Txn;
 use super::Arena;
 use crate::error::{Error, Result};
 use crate::layout::*;
-use crate::sys::{self, RobustMutex};
+use crate::sys::{self, LockState, RobustMutex};
 
 /// How long `memshare ls` and `gc` wait for one arena's lock.
 const ADMIN_WAIT: Duration = Duration::from_secs(1);
@@ -119,7 +119,10 @@ impl Arena {
         let mutex = unsafe {
             RobustMutex::from_ptr(std::ptr::addr_of_mut!((*self.inner.ctl_ptr()).mutex).cast())
         };
-        mutex.lock().map(drop)
+        let state = mutex.lock()?;
+        // SAFETY: we hold the mutex of this attachment's control mapping.
+        unsafe { leave_repair_to_the_next(self.inner.ctl_ptr(), state) };
+        Ok(())
     }
 
     /// Releases the lock taken by [`Arena::hold_lock`] on this thread.
@@ -143,12 +146,11 @@ impl Arena {
         // SAFETY: the mutex lies inside the validated control mapping.
         let mutex =
             unsafe { RobustMutex::from_ptr(std::ptr::addr_of_mut!((*ctl_ptr).mutex).cast()) };
-        if mutex
-            .lock_until(Some(Instant::now() + ADMIN_WAIT))?
-            .is_none()
-        {
+        let Some(state) = mutex.lock_until(Some(Instant::now() + ADMIN_WAIT))? else {
             return Err(Error::Busy(hex(&token)));
-        }
+        };
+        // SAFETY: we hold the mutex of the validated control mapping.
+        unsafe { leave_repair_to_the_next(ctl_ptr, state) };
         // SAFETY: we hold the arena mutex; we only read.
         let ctl = unsafe { &*ctl_ptr };
         let stats = Stats::of(ctl);
@@ -219,9 +221,11 @@ impl Arena {
                             std::ptr::addr_of_mut!((*(map.ptr() as *mut CtlHeader)).mutex).cast(),
                         )
                     };
-                    if mutex.lock_until(Some(Instant::now() + wait))?.is_none() {
+                    let Some(state) = mutex.lock_until(Some(Instant::now() + wait))? else {
                         continue; // held by a live (maybe stopped) process
-                    }
+                    };
+                    // SAFETY: we hold the mutex of the validated control mapping.
+                    unsafe { leave_repair_to_the_next(map.ptr() as *mut CtlHeader, state) };
                     let dead = sys::ofd_lock(&fd, SLOT_LOCK_BASE, MAX_PROCS as u64, false);
                     let Ok(dead) = dead else {
                         mutex.unlock();
@@ -273,4 +277,18 @@ fn remove_files(dir: &Path, token: &[u8; 16], names: &[String]) {
         sys::unlink(&dir.join(n));
     }
     sys::unlink(&ctl_path(dir, token));
+}
+
+/// After taking the arena's mutex without attaching (so with no way to
+/// repair): if its holder died (`state`), marks the metadata for the next
+/// transaction to repair, since this lock already made the mutex
+/// consistent and the next locker gets no EOWNERDEAD.
+///
+/// # Safety
+/// `ctl` points to a mapped control header whose mutex this thread holds.
+unsafe fn leave_repair_to_the_next(ctl: *mut CtlHeader, state: LockState) {
+    if state == LockState::OwnerDied {
+        // SAFETY: per the function's contract.
+        unsafe { (*ctl).repair_needed = 1 };
+    }
 }

@@ -139,7 +139,16 @@ fn after_fork_in_child() {
         // Not prepared (no free slot, or attached after the reservation):
         // this process has no slot; the parent's references are not ours
         // to drop.
-        None => local.forget(),
+        None => {
+            local.forget();
+            // The inherited descriptor shares the parent's open file
+            // description, and with it the parent's slot lock: kept, it
+            // would make the parent look alive after it died, for as long
+            // as this child lives, and keep all it held.
+            if let Ok(fd) = sys::reopen_fd(&local.fd) {
+                local.fd = fd;
+            }
+        }
     });
 }
 

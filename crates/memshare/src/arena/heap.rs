@@ -11,6 +11,7 @@
 //! Headers are written so that a walk of a segment is consistent at every
 //! instant (crash repair relies on it).
 
+use super::crash::{self, CrashPoint};
 use super::txn::Txn;
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -80,22 +81,7 @@ impl Txn<'_> {
     }
 
     fn write_free_header(&mut self, r: BlockRef, size: u64, prev_size: u64) -> Result<()> {
-        let h = self.hdr(r)?;
-        h.magic = BLOCK_MAGIC;
-        h.state = BLOCK_FREE;
-        h.generation = 0;
-        h.size = size;
-        h.prev_size = prev_size;
-        h.len = 0;
-        h.pins = 0;
-        h.flags = 0;
-        h.free_next = BlockRef::NIL;
-        h.free_prev = BlockRef::NIL;
-        h.holders = [0; HOLDER_WORDS];
-        h.dirty = size;
-        h.freed_ns = sys::monotonic_ns();
-        h.writer = 0;
-        h.writer_epoch = 0;
+        init_free_header(self.hdr(r)?, size, prev_size);
         Ok(())
     }
 
@@ -293,14 +279,23 @@ impl Txn<'_> {
                 },
             );
         }
+        // Whole before it is published: a walk (repair's) of a segment
+        // whose first header is not written yet finds a broken chain.
+        // SAFETY: `want` >= SEG_HEADER + BLOCK_HEADER and SEG_HEADER is
+        // 64-byte aligned, so the header lies inside the fresh mapping,
+        // which no other process sees yet.
+        let first_header =
+            unsafe { &mut *(map.ptr().add(SEG_HEADER as usize) as *mut BlockHeader) };
+        init_free_header(first_header, want - SEG_HEADER - BLOCK_HEADER, 0);
         self.local.set_segment(idx as usize, map);
         self.ctl.segments[idx as usize].size = want;
         self.ctl.segments[idx as usize].committed = 0;
         self.recount(idx, &fd);
-        self.ctl.segment_count = idx + 1;
-        self.ctl.bytes_reserved += want;
         let first = BlockRef::new(idx, SEG_HEADER);
-        self.write_free_header(first, want - SEG_HEADER - BLOCK_HEADER, 0)?;
+        crash::reached(CrashPoint::GrowBeforePublish);
+        self.ctl.segment_count = idx + 1;
+        self.sum_segments();
+        crash::reached(CrashPoint::GrowAfterPublish);
         self.bin_insert(first)
     }
 
@@ -451,4 +446,23 @@ impl Txn<'_> {
         h.freed_ns = h.freed_ns.max(bfreed);
         Ok(())
     }
+}
+
+/// Writes the header of a free block of payload `size` into `h`.
+fn init_free_header(h: &mut BlockHeader, size: u64, prev_size: u64) {
+    h.magic = BLOCK_MAGIC;
+    h.state = BLOCK_FREE;
+    h.generation = 0;
+    h.size = size;
+    h.prev_size = prev_size;
+    h.len = 0;
+    h.pins = 0;
+    h.flags = 0;
+    h.free_next = BlockRef::NIL;
+    h.free_prev = BlockRef::NIL;
+    h.holders = [0; HOLDER_WORDS];
+    h.dirty = size;
+    h.freed_ns = sys::monotonic_ns();
+    h.writer = 0;
+    h.writer_epoch = 0;
 }

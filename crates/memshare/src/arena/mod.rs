@@ -26,6 +26,8 @@
 mod admin;
 mod block;
 mod cache;
+#[doc(hidden)]
+pub mod crash;
 mod decay;
 mod fork;
 mod heap;
@@ -53,8 +55,6 @@ pub use naming::{ctl_path, default_dir, hex, parse_hex, parse_size, seg_path};
 pub use pins::Lease;
 pub use prefault::{huge_pages, populate_idle, populated_bytes, HugePages, POPULATE_MIN};
 pub use releases::pending_release_bytes;
-#[doc(hidden)]
-pub use repair::{exit_inside_repair, EXIT_INSIDE_REPAIR_STATUS, REPAIR_EXIT_POINTS};
 pub use slots::SlotInfo;
 pub use txn::{has_deadline, lock_acquisitions, with_deadline};
 

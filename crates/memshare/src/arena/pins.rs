@@ -14,6 +14,8 @@
 //! that leaks handles cannot starve the others. Crash repair rebuilds every
 //! list from the table (see `repair.rs`).
 
+use std::sync::atomic::{compiler_fence, Ordering};
+
 use super::txn::Txn;
 use super::Arena;
 use crate::error::{Error, Result};
@@ -271,14 +273,22 @@ impl Txn<'_> {
     fn head_of(&mut self, e: usize) -> Result<Option<&mut u32>> {
         let p = &self.ctl.pins[e];
         Ok(match p.kind {
+            // Indices out of range (a corrupt entry) own no list.
             PIN_PROCESS => {
-                let s = &mut self.ctl.slots[p.slot as usize];
-                (s.state == SLOT_ALIVE && s.epoch == p.epoch).then_some(&mut s.pin_head)
+                let epoch = p.epoch;
+                self.ctl
+                    .slots
+                    .get_mut(p.slot as usize)
+                    .filter(|s| s.state == SLOT_ALIVE && s.epoch == epoch)
+                    .map(|s| &mut s.pin_head)
             }
             PIN_LEASE | PIN_LEASE_KEPT => {
                 let (index, generation) = p.lease();
-                let l = &mut self.ctl.leases[index as usize];
-                (l.state == LEASE_LIVE && l.generation == generation).then_some(&mut l.pin_head)
+                self.ctl
+                    .leases
+                    .get_mut(index as usize)
+                    .filter(|l| l.state == LEASE_LIVE && l.generation == generation)
+                    .map(|l| &mut l.pin_head)
             }
             PIN_BLOCK => {
                 let (owner, og) = (p.owner, p.owner_generation);
@@ -402,8 +412,9 @@ impl Txn<'_> {
                     return Err(Error::StaleHandle("the owner block was freed".into()));
                 }
                 if oh.flags & BLOCK_OWNS_PINS == 0 {
-                    oh.flags |= BLOCK_OWNS_PINS;
+                    // The empty list first: the flag says the head is valid.
                     oh.pin_head = NO_PIN;
+                    oh.flags |= BLOCK_OWNS_PINS;
                 }
                 e.kind = PIN_BLOCK;
                 e.slot = OWNED_PIN_SLOT;
@@ -440,7 +451,13 @@ impl Txn<'_> {
         e.serial = self.ctl.pin_serial;
         let serial = e.serial;
         let slot_tag = e.slot;
+        // The kind goes in last: a process killed while the entry is being
+        // copied leaves it free (repair puts it back on the free list), not
+        // a pin that mixes this one's fields with an earlier one's.
+        let kind = std::mem::replace(&mut e.kind, PIN_FREE);
         self.ctl.pins[idx as usize] = e;
+        compiler_fence(Ordering::SeqCst);
+        self.ctl.pins[idx as usize].kind = kind;
         self.link_pin(idx)?;
         if counted {
             self.ctl.slots[slot as usize].pins += 1;

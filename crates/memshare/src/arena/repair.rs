@@ -2,8 +2,7 @@
 //! the mutex (EOWNERDEAD), the survivors rebuild all derived metadata from
 //! the block headers, which are consistent at every instant.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
+use super::crash::{self, CrashPoint};
 use super::txn::Txn;
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -28,6 +27,10 @@ impl Txn<'_> {
     /// references and pins of dead processes, recounts pins, frees unreferenced
     /// blocks, merges free neighbours and rebuilds the bins and statistics.
     pub(super) fn repair(&mut self) -> Result<()> {
+        // Until the last pass is done: a repair that fails part way (an
+        // error, not a death, so no EOWNERDEAD) is redone by the next
+        // transaction instead of leaving half-rebuilt lists behind.
+        self.ctl.repair_needed = 1;
         let mut dead = [0u64; HOLDER_WORDS];
         let mut dead_epochs: Vec<(u32, u32)> = Vec::new();
         for s in 0..MAX_PROCS as u32 {
@@ -75,7 +78,7 @@ impl Txn<'_> {
                 }
             }
         }
-        exit_if_told(1);
+        crash::reached(CrashPoint::RepairAfterHolders);
         // Pass 2: keep the valid pins of the table, recount them and link
         // each onto its owner's list again; the rest go to the free list.
         let mut pins_in_use = 0;
@@ -128,7 +131,7 @@ impl Txn<'_> {
         }
         self.ctl.pins_in_use = pins_in_use;
         self.rebuild_free_pins();
-        exit_if_told(2);
+        crash::reached(CrashPoint::RepairAfterPins);
         // Pass 2b: a block about to be freed (its last holder died) releases
         // the pins it owns, as `free_block` does, transitively (a dropped
         // queue frees the messages still inside it).
@@ -148,7 +151,7 @@ impl Txn<'_> {
                 break;
             }
         }
-        exit_if_told(3);
+        crash::reached(CrashPoint::RepairAfterOwnedPins);
         // Pass 3: free unreferenced blocks, merge neighbours, rebuild bins and stats.
         self.ctl.bins = [BlockRef::NIL; NBINS];
         let (mut in_use, mut live) = (0, 0);
@@ -218,7 +221,8 @@ impl Txn<'_> {
         }
         self.ctl.bytes_in_use = in_use;
         self.ctl.live_blocks = live;
-        exit_if_told(4);
+        self.sum_segments();
+        crash::reached(CrashPoint::RepairAfterBlocks);
         // The dead give up their slots last: a reaper that dies before this
         // point leaves them marked alive, so the next locker (EOWNERDEAD)
         // finds them dead again and redoes every pass, which are idempotent.
@@ -227,34 +231,7 @@ impl Txn<'_> {
         for (s, _) in dead_epochs {
             self.ctl.slots[s as usize].state = SLOT_FREE;
         }
+        self.ctl.repair_needed = 0;
         Ok(())
-    }
-}
-
-/// The pass after which this process's next repair exits (0: none).
-static EXIT_AFTER_PASS: AtomicU32 = AtomicU32::new(0);
-
-/// The exit status of a process made to die inside a repair.
-#[doc(hidden)]
-pub const EXIT_INSIDE_REPAIR_STATUS: i32 = 77;
-
-/// The number of points at which [`exit_inside_repair`] can stop a repair.
-#[doc(hidden)]
-pub const REPAIR_EXIT_POINTS: u32 = 4;
-
-/// For tests of a reaper that dies mid-repair: this process's next repair
-/// exits (status [`EXIT_INSIDE_REPAIR_STATUS`], holding the arena's mutex,
-/// running no destructors, like SIGKILL) after pass `after_pass` (1 to
-/// [`REPAIR_EXIT_POINTS`]; 0 turns it off).
-#[doc(hidden)]
-pub fn exit_inside_repair(after_pass: u32) {
-    EXIT_AFTER_PASS.store(after_pass, Ordering::Relaxed);
-}
-
-fn exit_if_told(pass: u32) {
-    if EXIT_AFTER_PASS.load(Ordering::Relaxed) == pass {
-        // SAFETY: ends the process at once without unwinding or running
-        // destructors, which is what the test means to simulate.
-        unsafe { libc::_exit(EXIT_INSIDE_REPAIR_STATUS) };
     }
 }

@@ -178,11 +178,22 @@ impl Txn<'_> {
     /// Re-reads how much backing store segment `seg` holds.
     pub(super) fn recount(&mut self, seg: u32, fd: &OwnedFd) {
         if let Ok(st) = sys::fstat(fd) {
-            let e = &mut self.ctl.segments[seg as usize];
-            self.ctl.bytes_committed =
-                self.ctl.bytes_committed.saturating_sub(e.committed) + st.allocated;
-            e.committed = st.allocated;
+            self.ctl.segments[seg as usize].committed = st.allocated;
+            self.sum_segments();
         }
+    }
+
+    /// Sets the arena's totals to the sums over its segments' entries. They
+    /// are always derived, never adjusted by a difference: a process killed
+    /// between writing an entry and a total leaves nothing the next sum
+    /// (or repair) does not put right.
+    pub(super) fn sum_segments(&mut self) {
+        let published = &self.ctl.segments[..self.ctl.segment_count as usize];
+        let (size, committed) = published
+            .iter()
+            .fold((0, 0), |(s, c), e| (s + e.size, c + e.committed));
+        self.ctl.bytes_reserved = size;
+        self.ctl.bytes_committed = committed;
     }
 
     /// Gives the whole pages inside the payload of free block `r` back to

@@ -144,7 +144,7 @@ impl Inner {
         if txn.ctl.magic != CTL_MAGIC {
             return Err(Error::StaleHandle("the arena has been removed".into()));
         }
-        if state == LockState::OwnerDied {
+        if state == LockState::OwnerDied || txn.ctl.repair_needed != 0 {
             txn.repair()?;
         }
         txn.apply_pending_releases();
