@@ -363,6 +363,68 @@ def test_steady_state_reserve_is_within_fifteen_percent_and_a_segment():
     assert res["reserved"] <= res["bound"], res
 
 
+# --- memory-backed segments whose every holder is gone ------------------------------
+
+GONE_MEMFD = """
+import json, os, signal, sys
+import numpy as np, memshare as ms
+
+def child(how):
+    b = ms.empty((20 << 20) // 8)  # the shm directory is full: a memfd
+    b[:] = 1.0
+    assert ms.stats()["memfd_segments"] >= 1
+    if how == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    del b  # its free block stays in the arena's free lists
+
+if __name__ == "__main__":
+    method, how = sys.argv[1], sys.argv[2]
+    d = os.environ["MEMSHARE_DIR"]
+    a = ms.share(np.ones(1000))
+    st = os.statvfs(d)
+    with open(os.path.join(d, "filler"), "wb") as f:
+        f.write(b"x" * (st.f_bavail * st.f_frsize - (4 << 20)))
+    p = ms.get_context(method).Process(target=child, args=(how,))
+    p.start()
+    p.join(60)
+    # The child held the memfd alone: its memory went with the child.
+    c = ms.empty((20 << 20) // 8)
+    c[:] = 2.0
+    ms.reap()
+    s = ms.stats()
+    print(json.dumps({"exit": p.exitcode, "c": float(c.sum()), "a": float(a.sum()),
+                      "live": s["live_blocks"], "memfd": s["memfd_segments"]}))
+    del c
+    os.unlink(os.path.join(d, "filler"))
+"""
+
+
+@pytest.mark.parametrize("how", ["exited", "killed"])
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_memory_backed_segment_that_went_with_its_last_holder_is_dropped(
+    tmpfs, tmp_path, method, how
+):
+    """Its free blocks leave the free lists and its blocks the counts: the
+    next allocation (that would have taken its free block) and the next
+    reap (that walks every segment) succeed."""
+    script = tmp_path / "gone_memfd.py"
+    script.write_text(GONE_MEMFD)
+    env = {k: v for k, v in os.environ.items() if k not in ("MEMSHARE_ARENA", "MEMSHARE_LIMIT")}
+    env["MEMSHARE_DIR"] = str(tmpfs)
+    out = subprocess.run(
+        [sys.executable, str(script), method, how],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    res = last_json(out)
+    assert res["exit"] == (0 if how == "exited" else -9), res
+    assert res["c"] == 2.0 * ((20 << 20) // 8) and res["a"] == 1000.0, res
+    assert res["live"] == 2 and res["memfd"] == 1, res  # a, and c in a memfd of its own
+    assert not list(tmpfs.iterdir()), "nothing is left in the tmpfs after exit"
+
+
 # --- a 64 MB /dev/shm (item 12) --------------------------------------------------------
 
 FRAME = """

@@ -128,6 +128,9 @@ pub const SEG_FILE: u32 = 0;
 /// A memory-backed segment (memfd) with no name: other processes open it
 /// through a process that holds it (`/proc/<pid>/fd/<fd>`).
 pub const SEG_MEMFD: u32 = 1;
+/// A memory-backed segment that every process holding it has let go of:
+/// its memory is gone. Its index stays taken; walks and totals skip it.
+pub const SEG_GONE: u32 = 2;
 /// Processes recorded as holders of a memory-backed segment.
 pub const SEG_HOLDERS: usize = 6;
 
@@ -149,7 +152,7 @@ pub struct SegmentEntry {
     /// Bytes of backing store the segment holds now (reserved and not
     /// punched), as the kernel counts them.
     pub committed: u64,
-    /// `SEG_FILE` or `SEG_MEMFD`.
+    /// `SEG_FILE`, `SEG_MEMFD` or `SEG_GONE`.
     pub kind: u32,
     pub _pad: u32,
     /// Identity of a memory-backed segment, checked when it is opened.

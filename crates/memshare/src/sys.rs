@@ -288,11 +288,32 @@ pub fn open_held(pid: u32, fd: u32, dev: u64, ino: u64) -> Option<OwnedFd> {
 
 /// Finds, among the open descriptors of process `pid`, the file `(dev, ino)`
 /// and opens it (see [`open_held`]).
-pub fn find_held(pid: u32, dev: u64, ino: u64) -> Option<OwnedFd> {
-    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find_map(|fd| open_held(pid, fd, dev, ino))
+pub fn find_held(pid: u32, dev: u64, ino: u64) -> Held {
+    let entries = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Held::No,
+        Err(_) => return Held::Unknown,
+    };
+    for fd in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(st) = rustix::fs::stat(format!("/proc/{pid}/fd/{fd}").as_str()) else {
+            continue; // closed meanwhile
+        };
+        if st.st_dev == dev && st.st_ino == ino {
+            return open_held(pid, fd, dev, ino).map_or(Held::Unknown, Held::Yes);
+        }
+    }
+    Held::No
+}
+
+/// Whether a process holds a file open, as [`find_held`] could tell.
+pub enum Held {
+    /// It does: the file, opened.
+    Yes(OwnedFd),
+    /// It surely does not (or the process no longer exists).
+    No,
+    /// It could not be told: its descriptors cannot be read, or the file it
+    /// holds cannot be opened.
+    Unknown,
 }
 
 /// The current user id.

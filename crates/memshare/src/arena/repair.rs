@@ -31,6 +31,16 @@ impl Txn<'_> {
         // error, not a death, so no EOWNERDEAD) is redone by the next
         // transaction instead of leaving half-rebuilt lists behind.
         self.ctl.repair_needed = 1;
+        // A memory-backed segment that nobody holds any more is gone
+        // (`open_segment` marks it so): every walk below skips it.
+        for seg in 0..self.ctl.segment_count {
+            if self.ctl.segments[seg as usize].kind == SEG_MEMFD {
+                match self.seg_base(seg) {
+                    Ok(_) | Err(Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         let mut dead = [0u64; HOLDER_WORDS];
         let mut dead_epochs: Vec<(u32, u32)> = Vec::new();
         for s in 0..MAX_PROCS as u32 {
@@ -57,6 +67,9 @@ impl Txn<'_> {
         // Pass 1: clear dead holders, pin counts and pin lists everywhere.
         let segs = self.ctl.segment_count;
         for seg in 0..segs {
+            if self.seg_gone(seg) {
+                continue;
+            }
             let mut r = BlockRef::new(seg, SEG_HEADER);
             loop {
                 let h = self.hdr(r)?;
@@ -99,19 +112,23 @@ impl Txn<'_> {
                         .is_some_and(|l| l.state == LEASE_LIVE && l.generation == generation)
                 }
                 PIN_BLOCK => {
-                    !owner.is_nil() && owner.segment() < segs && {
-                        let oh = self.hdr(owner)?;
-                        oh.magic == BLOCK_MAGIC
-                            && oh.state == BLOCK_LIVE
-                            && oh.generation == owner_generation
-                    }
+                    !owner.is_nil()
+                        && owner.segment() < segs
+                        && !self.seg_gone(owner.segment())
+                        && {
+                            let oh = self.hdr(owner)?;
+                            oh.magic == BLOCK_MAGIC
+                                && oh.state == BLOCK_LIVE
+                                && oh.generation == owner_generation
+                        }
                 }
                 _ => false,
             };
-            let ok = owner_ok && !r.is_nil() && r.segment() < segs && {
-                let h = self.hdr(r)?;
-                h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
-            };
+            let ok =
+                owner_ok && !r.is_nil() && r.segment() < segs && !self.seg_gone(r.segment()) && {
+                    let h = self.hdr(r)?;
+                    h.magic == BLOCK_MAGIC && h.state == BLOCK_LIVE && h.generation == generation
+                };
             if !ok {
                 self.ctl.pins[i].kind = PIN_FREE;
                 continue;
@@ -156,6 +173,9 @@ impl Txn<'_> {
         self.ctl.bins = [BlockRef::NIL; NBINS];
         let (mut in_use, mut live) = (0, 0);
         for seg in 0..segs {
+            if self.seg_gone(seg) {
+                continue;
+            }
             let mut r = BlockRef::new(seg, SEG_HEADER);
             let mut prev: Option<BlockRef> = None;
             loop {

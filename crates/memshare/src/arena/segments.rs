@@ -41,7 +41,7 @@ impl Txn<'_> {
     /// How segment `seg` is named in messages.
     pub(super) fn seg_label(&self, seg: u32) -> String {
         match self.ctl.segments[seg as usize].kind {
-            SEG_MEMFD => format!(
+            SEG_MEMFD | SEG_GONE => format!(
                 "memory-backed segment {seg} of arena {}",
                 super::hex(&self.inner.token)
             ),
@@ -51,9 +51,20 @@ impl Txn<'_> {
 
     /// A descriptor of segment `seg`, checked to be this user's.
     pub(super) fn open_segment(&mut self, seg: u32) -> Result<OwnedFd> {
+        let gone = |txn: &Self| Error::NotFound {
+            path: txn.seg_label(seg),
+        };
         let e = &self.ctl.segments[seg as usize];
-        if e.kind != SEG_MEMFD {
-            return sys::open_file(&self.seg_file(seg));
+        match e.kind {
+            SEG_GONE => {
+                // Nothing of it should be reachable any more; if a block
+                // of it was (freed by a process that still maps it), the
+                // next transaction's repair unlinks it.
+                self.ctl.repair_needed = 1;
+                return Err(gone(self));
+            }
+            SEG_MEMFD => {}
+            _ => return sys::open_file(&self.seg_file(seg)),
         }
         if let Some(fd) = self.local.memfds.get(&seg) {
             return dup(fd);
@@ -63,21 +74,36 @@ impl Txn<'_> {
             .iter()
             .filter(|h| h.pid != 0)
             .find_map(|h| sys::open_held(h.pid, h.fd, dev, ino));
+        let mut unsure = false;
         if found.is_none() {
             // No recorded holder has it any more; every live process that
             // maps it keeps it open, so look through theirs.
-            let pids: Vec<u32> = self
-                .ctl
-                .slots
-                .iter()
-                .filter(|s| s.state == SLOT_ALIVE)
-                .map(|s| s.pid)
+            let pids: Vec<u32> = (0..MAX_PROCS as u32)
+                .filter(|&s| self.ctl.slots[s as usize].state == SLOT_ALIVE && self.slot_alive(s))
+                .map(|s| self.ctl.slots[s as usize].pid)
                 .collect();
-            found = pids.into_iter().find_map(|p| sys::find_held(p, dev, ino));
+            for pid in pids {
+                match sys::find_held(pid, dev, ino) {
+                    sys::Held::Yes(fd) => {
+                        found = Some(fd);
+                        break;
+                    }
+                    sys::Held::No => {}
+                    sys::Held::Unknown => unsure = true,
+                }
+            }
         }
-        let fd = found.ok_or_else(|| Error::NotFound {
-            path: self.seg_label(seg),
-        })?;
+        let Some(fd) = found else {
+            if !unsure {
+                // No live process holds it: its memory is gone. Its free
+                // blocks are still linked into the bins (through headers
+                // nobody can read now), so the next transaction repairs,
+                // which rebuilds the bins without it.
+                self.ctl.segments[seg as usize].kind = SEG_GONE;
+                self.ctl.repair_needed = 1;
+            }
+            return Err(gone(self));
+        };
         self.add_holder(seg, &fd);
         let out = dup(&fd)?;
         self.local.memfds.insert(seg, fd);
@@ -183,6 +209,11 @@ impl Txn<'_> {
         }
     }
 
+    /// True if segment `seg` is a memory-backed one whose memory is gone.
+    pub(super) fn seg_gone(&self, seg: u32) -> bool {
+        self.ctl.segments[seg as usize].kind == SEG_GONE
+    }
+
     /// Sets the arena's totals to the sums over its segments' entries. They
     /// are always derived, never adjusted by a difference: a process killed
     /// between writing an entry and a total leaves nothing the next sum
@@ -191,6 +222,7 @@ impl Txn<'_> {
         let published = &self.ctl.segments[..self.ctl.segment_count as usize];
         let (size, committed) = published
             .iter()
+            .filter(|e| e.kind != SEG_GONE)
             .fold((0, 0), |(s, c), e| (s + e.size, c + e.committed));
         self.ctl.bytes_reserved = size;
         self.ctl.bytes_committed = committed;
