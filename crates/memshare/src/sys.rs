@@ -136,15 +136,6 @@ pub fn open_file(path: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A new open file description of the file `fd` names, sharing none of
-/// its OFD locks (through `/proc/self/fd`, which opens the file anew).
-pub fn reopen_fd(fd: &OwnedFd) -> Result<OwnedFd> {
-    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let flags = OFlags::RDWR | OFlags::CLOEXEC;
-    rustix::fs::open(path.as_str(), flags, Mode::empty())
-        .map_err(|e| open_error(Path::new(&path), e))
-}
-
 /// Refuses a segment that is not a regular file owned by this user with
 /// owner-only permissions: another user could have made or changed it.
 fn check_private(path: &Path, fd: &OwnedFd) -> Result<()> {

@@ -1,8 +1,11 @@
 //! Integration tests of the arena: allocation, reference counts, handles,
 //! reclaiming dead processes, and a second Rust process reading an array.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use memshare::arena::crash::{self, CrashPoint};
 use memshare::arena::{ctl_path, hex};
@@ -72,13 +75,60 @@ fn run_child(name: &str, dir: &TestDir, env: (&str, String)) -> bool {
 }
 
 /// As [`run_child`], but returns how the child ended.
-fn run_child_status(name: &str, dir: &TestDir, env: (&str, String)) -> std::process::ExitStatus {
-    Command::new(std::env::current_exe().unwrap())
+fn run_child_status(name: &str, dir: &TestDir, env: (&str, String)) -> ExitStatus {
+    wait_bounded(child_command(name, dir, env).spawn().unwrap())
+}
+
+/// The command that runs the test `name` of this binary with `env` set, in
+/// the arena directory `dir`.
+fn child_command(name: &str, dir: &TestDir, env: (&str, String)) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(env.0, env.1)
-        .env("MEMSHARE_DIR", &dir.0)
-        .status()
-        .unwrap()
+        .env("MEMSHARE_DIR", &dir.0);
+    command
+}
+
+/// How long a child half of a test may take: far more than it needs.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `f` on a thread and returns its result, or, past [`CHILD_TIMEOUT`],
+/// runs `on_timeout` (which must end what `f` waits for) and fails.
+fn bounded<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+    on_timeout: impl FnOnce(),
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(CHILD_TIMEOUT) {
+        Ok(value) => value,
+        Err(_) => {
+            on_timeout();
+            panic!("waited {CHILD_TIMEOUT:?} for {what}");
+        }
+    }
+}
+
+/// Waits for `child` to exit, killing it (and failing) past [`CHILD_TIMEOUT`].
+fn wait_bounded(mut child: Child) -> ExitStatus {
+    let pid = child.id() as i32;
+    // SAFETY: `pid` is not reaped yet (the waiting thread has not returned),
+    // so it still names the child.
+    let kill = move || unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    };
+    bounded("a child to exit", move || child.wait().unwrap(), kill)
+}
+
+/// Child halves: attaches to the arena `token` (hex) in `MEMSHARE_DIR`.
+fn attach_from_env(token: &str) -> Arena {
+    let dir = std::env::var("MEMSHARE_DIR").unwrap();
+    let token = memshare::arena::parse_hex(token).unwrap();
+    Arena::attach(std::path::Path::new(&dir), token).unwrap()
 }
 
 /// Keeps this process's decay thread (which reaps every arena of this test
@@ -226,9 +276,7 @@ fn child_takes_the_free_block() {
     let Ok(token) = std::env::var("MEMSHARE_TEST_TAKE") else {
         return;
     };
-    let dir = std::env::var("MEMSHARE_DIR").unwrap();
-    let token = memshare::arena::parse_hex(&token).unwrap();
-    let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
+    let arena = attach_from_env(&token);
     // The parent holds slot 0: every child, one after the other, takes slot 1.
     assert_eq!(arena.my_slot(), 1);
     let reserved = arena.stats().unwrap().bytes_reserved;
@@ -452,10 +500,8 @@ fn child_dies_at_a_crash_point() {
     let (name, token) = arg.split_once(':').unwrap();
     let point = crash_point(name);
     crash::exit_at(point);
-    let dir = std::env::var("MEMSHARE_DIR").unwrap();
-    let token = memshare::arena::parse_hex(token).unwrap();
     // Attaching may reap already; if not, the explicit reap does.
-    let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
+    let arena = attach_from_env(token);
     let _mine = arena.alloc(1 << 20, false).unwrap();
     arena.reap().unwrap();
     let _big = arena.alloc(GROWS, false).unwrap();
@@ -604,9 +650,7 @@ fn child_forks_without_a_reservation_and_dies() {
     let Ok(token) = std::env::var("MEMSHARE_TEST_FORK") else {
         return;
     };
-    let dir = std::env::var("MEMSHARE_DIR").unwrap();
-    let token = memshare::arena::parse_hex(&token).unwrap();
-    let arena = Arena::attach(std::path::Path::new(&dir), token).unwrap();
+    let arena = attach_from_env(&token);
     let held = arena.alloc(1 << 20, false).unwrap();
     // SAFETY: the grandchild only reads its stdin and exits; this process
     // exits at once without running destructors, like SIGKILL.
@@ -631,37 +675,42 @@ const READY: &str = "grandchild ready";
 fn a_child_forked_without_a_slot_keeps_no_lock_of_its_parent() {
     let dir = TestDir::new("fork-no-slot");
     let arena = Arena::create(&dir.0).unwrap();
-    let mut parent = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_forks_without_a_reservation_and_dies",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MEMSHARE_TEST_FORK", hex(&arena.token()))
-        .env("MEMSHARE_DIR", &dir.0)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut parent = child_command(
+        "child_forks_without_a_reservation_and_dies",
+        &dir,
+        ("MEMSHARE_TEST_FORK", hex(&arena.token())),
+    )
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    // Its own group, so that a hung grandchild can be killed with it.
+    .process_group(0)
+    .spawn()
+    .unwrap();
+    let group = parent.id() as i32;
     // Closing it (also on a failed assert) ends the grandchild.
     let grandchild_stdin = parent.stdin.take();
     // Until the grandchild says it runs, its fork handlers may not have
-    // let go of what it inherited. (If it died first, this reads EOF.)
+    // let go of what it inherited. (If both died first, this reads EOF.)
     let mut stderr = parent.stderr.take().unwrap();
-    let mut said = Vec::new();
-    let mut chunk = [0u8; 256];
-    while !String::from_utf8_lossy(&said).contains(READY) {
-        let n = std::io::Read::read(&mut stderr, &mut chunk).unwrap();
-        assert!(
-            n > 0,
-            "the grandchild never ran: {}",
-            String::from_utf8_lossy(&said)
-        );
-        said.extend_from_slice(&chunk[..n]);
-    }
-    assert!(parent.wait().unwrap().success());
+    let read_ready = move || {
+        let mut said = Vec::new();
+        let mut chunk = [0u8; 256];
+        while !String::from_utf8_lossy(&said).contains(READY) {
+            match std::io::Read::read(&mut stderr, &mut chunk).unwrap() {
+                0 => break,
+                n => said.extend_from_slice(&chunk[..n]),
+            }
+        }
+        String::from_utf8_lossy(&said).into_owned()
+    };
+    // SAFETY: kills the group of the child, which is not reaped yet.
+    let kill_group = move || unsafe {
+        libc::kill(-group, libc::SIGKILL);
+    };
+    let said = bounded("the grandchild to start", read_ready, kill_group);
+    assert!(said.contains(READY), "the grandchild never ran: {said}");
+    assert!(wait_bounded(parent).success());
     // The grandchild lives, but it does not hold its dead parent's slot
     // lock. (This process's decay thread may have reaped it already.)
     arena.reap().unwrap();

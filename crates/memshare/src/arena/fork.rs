@@ -36,7 +36,7 @@ struct ForkLocks {
     locals: Vec<MutexGuard<'static, Local>>,
     _list: MutexGuard<'static, Vec<Weak<Inner>>>,
     _home: MutexGuard<'static, Option<Arena>>,
-    _arenas: Vec<Arc<Inner>>,
+    arenas: Vec<Arc<Inner>>,
 }
 
 thread_local! {
@@ -78,7 +78,7 @@ fn lock_for_fork() {
         locals,
         _list: list,
         _home: home,
-        _arenas: arenas,
+        arenas,
     };
     HELD.with(|h| *h.borrow_mut() = Some(held));
 }
@@ -104,16 +104,17 @@ pub(super) fn install_fork_handlers() {
 
 /// Runs `f` on every attachment's local state: on the guards held across
 /// the fork, or (when the fork was not prepared by this thread) by locking.
-fn for_each_local(f: impl Fn(&mut Local)) {
+fn for_each_local(f: impl Fn(&Inner, &mut Local)) {
     match HELD.with(|h| h.borrow_mut().take()) {
         Some(mut held) => {
-            for g in held.locals.iter_mut() {
-                f(g);
+            // `locals` were taken from `arenas`, one each, in order.
+            for (inner, g) in held.arenas.iter().zip(held.locals.iter_mut()) {
+                f(inner, g);
             }
         }
         None => {
             for a in Arena::all_attached() {
-                f(&mut lock_local(&a.inner.local));
+                f(&a.inner, &mut lock_local(&a.inner.local));
             }
         }
     }
@@ -123,13 +124,13 @@ fn for_each_local(f: impl Fn(&mut Local)) {
 fn after_fork_in_parent() {
     // The child owns the reservations now; if fork failed, their slots are
     // reclaimed as a dead process's once their descriptors close here.
-    for_each_local(|local| local.fork = None);
+    for_each_local(|_, local| local.fork = None);
 }
 
 /// In the child after `fork()`: switch to the reserved slots.
 fn after_fork_in_child() {
     super::txn::reset_lock_acquisitions();
-    for_each_local(|local| match local.fork.take() {
+    for_each_local(|inner, local| match local.fork.take() {
         Some(f) => {
             // Emptied before the reservation; the parent's if it was not.
             local.cache.drain();
@@ -145,7 +146,7 @@ fn after_fork_in_child() {
             // description, and with it the parent's slot lock: kept, it
             // would make the parent look alive after it died, for as long
             // as this child lives, and keep all it held.
-            if let Ok(fd) = sys::reopen_fd(&local.fd) {
+            if let Ok(fd) = sys::reopen(&ctl_path(&inner.dir, &inner.token)) {
                 local.fd = fd;
             }
         }

@@ -93,10 +93,24 @@ impl Txn<'_> {
     }
 
     /// Takes the best-fitting free block of at least `size` bytes out of the
-    /// bins. A block with punched pages is reserved again first (with the
-    /// header of the tail split off it); if the file system has no room for
-    /// that, it goes back to the bins and only blocks without holes are used.
+    /// bins. A memory-backed segment found gone on the way (its free blocks
+    /// were still in the bins) is repaired away first, and the bins are
+    /// tried again.
     fn take_free(&mut self, size: u64) -> Result<Option<BlockRef>> {
+        match self.take_from_bins(size) {
+            Err(Error::NotFound { .. }) if self.ctl.repair_needed != 0 => {
+                self.repair()?;
+                self.take_from_bins(size)
+            }
+            found => found,
+        }
+    }
+
+    /// [`Txn::take_free`] without the repair. A block with punched pages is
+    /// reserved again first (with the header of the tail split off it); if
+    /// the file system has no room for that, it goes back to the bins and
+    /// only blocks without holes are used.
+    fn take_from_bins(&mut self, size: u64) -> Result<Option<BlockRef>> {
         let mut holes_ok = true;
         loop {
             let prefer = if size >= WRITER_AFFINITY_MIN {
@@ -326,36 +340,22 @@ impl Txn<'_> {
         if sys::monotonic_ns().saturating_sub(self.ctl.last_reap_ns) > REAP_INTERVAL_NS {
             self.reap()?;
         }
-        let r = match self.take_free_or_repair(size)? {
+        let r = match self.take_free(size)? {
             Some(r) => r,
             None => {
                 // Under pressure: this process's cache, the releases any
                 // process put off, and what dead processes hold, go back
                 // before the arena grows.
                 if self.flush_cache()? | self.carry_out_put_off_releases() | self.reap()? {
-                    if let Some(r) = self.take_free_or_repair(size)? {
+                    if let Some(r) = self.take_free(size)? {
                         return self.mark_live(r, len, flags);
                     }
                 }
                 self.grow(size)?;
-                self.take_free_or_repair(size)?
-                    .ok_or_else(|| self.oom(len))?
+                self.take_free(size)?.ok_or_else(|| self.oom(len))?
             }
         };
         self.mark_live(r, len, flags)
-    }
-
-    /// As [`Txn::take_free`], but a memory-backed segment found gone on the
-    /// way (its free blocks were still in the bins) is repaired away first,
-    /// and the bins are tried again.
-    fn take_free_or_repair(&mut self, size: u64) -> Result<Option<BlockRef>> {
-        match self.take_free(size) {
-            Err(Error::NotFound { .. }) if self.ctl.repair_needed != 0 => {
-                self.repair()?;
-                self.take_free(size)
-            }
-            found => found,
-        }
     }
 
     fn mark_live(&mut self, r: BlockRef, len: u64, flags: u32) -> Result<Allocated> {
